@@ -1,0 +1,266 @@
+//! Command line and environment: the clap definitions for the server and the
+//! helper subcommands, value parsers, and validation. Every server flag also
+//! reads `PACKET_INGEST_<FLAG>`; a bad value is one line on stderr and exit 64.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::hub::SlowSubscriberPolicy;
+
+/// Exit status for bad configuration (sysexits.h EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "packet-ingest",
+    version,
+    about = "Verified packets off raw TCP and into many ordered gRPC streams",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Frame lines or fixed-size chunks of stdin (or a file) and send them to the ingest port.
+    Send(crate::tools::SendArgs),
+    /// Subscribe and print packets as JSON lines or a hexdump.
+    Tail(crate::tools::TailArgs),
+    /// Exit 0 if the server's gRPC health check answers SERVING.
+    Health(crate::tools::HealthArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Server flags (SPEC §5). Parse with `ServeArgs::try_parse_from` in tests.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "packet-ingest")]
+pub struct ServeArgs {
+    /// gRPC listen address (Subscribe, Publish, health, reflection).
+    #[arg(long, env = "PACKET_INGEST_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// TCP ingest listen address (SPEC §2 wire format).
+    #[arg(
+        long,
+        env = "PACKET_INGEST_INGEST_ADDR",
+        default_value = "0.0.0.0:7000"
+    )]
+    pub ingest_addr: SocketAddr,
+    /// HTTP address for GET /metrics and GET /healthz.
+    #[arg(
+        long,
+        env = "PACKET_INGEST_METRICS_ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// Largest accepted payload in bytes (suffixes KiB, MiB allowed).
+    #[arg(long, env = "PACKET_INGEST_MAX_PAYLOAD", default_value = "1MiB", value_parser = parse_payload_size)]
+    pub max_payload: u32,
+    /// Concurrent TCP ingest connections; more wait in the accept queue.
+    #[arg(long, env = "PACKET_INGEST_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Concurrent Subscribe streams; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PACKET_INGEST_MAX_SUBSCRIBERS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscribers: u32,
+    /// Packets a subscriber may fall behind before --slow-subscriber applies.
+    #[arg(long, env = "PACKET_INGEST_SUBSCRIBER_BUFFER", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscriber_buffer: u64,
+    /// Packets kept for Subscribe.from_sequence replay.
+    #[arg(long, env = "PACKET_INGEST_HISTORY", default_value_t = 65536)]
+    pub history: u64,
+    /// Bytes held for history and lagging subscribers together (suffixes KiB, MiB, GiB).
+    #[arg(long, env = "PACKET_INGEST_MEMORY_LIMIT", default_value = "256MiB", value_parser = parse_memory_size)]
+    pub memory_limit: u64,
+    /// What happens to a subscriber that falls behind by more than its buffer.
+    #[arg(long, env = "PACKET_INGEST_SLOW_SUBSCRIBER", value_enum, default_value_t = SlowSubscriberPolicy::Gap)]
+    pub slow_subscriber: SlowSubscriberPolicy,
+    /// In block mode, how long a stuck subscriber may hold up ingest before it is cut.
+    #[arg(long, env = "PACKET_INGEST_BLOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub block_timeout: Duration,
+    /// Interval of empty keep-alive responses on idle Subscribe streams.
+    #[arg(long, env = "PACKET_INGEST_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// File holding the HMAC-SHA256 key (its bytes, one trailing newline removed).
+    #[arg(long, env = "PACKET_INGEST_HMAC_KEY_FILE")]
+    pub hmac_key_file: Option<PathBuf>,
+    /// Drop packets whose digest is plain SHA-256 (needs --hmac-key-file).
+    #[arg(long, env = "PACKET_INGEST_REQUIRE_HMAC")]
+    pub require_hmac: bool,
+    /// Time from SIGTERM to exit: ingest drains, then streams end UNAVAILABLE.
+    #[arg(long, env = "PACKET_INGEST_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log output format; the filter comes from RUST_LOG (default info).
+    #[arg(long, env = "PACKET_INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Verification threads; 0 means one per core.
+    #[arg(long, env = "PACKET_INGEST_VERIFY_THREADS", default_value_t = 0)]
+    pub verify_threads: usize,
+    /// Concurrent gRPC requests across all connections; beyond it, load is shed.
+    #[arg(long, env = "PACKET_INGEST_CONCURRENCY_LIMIT", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency_limit: u32,
+    /// Refuse requests with RESOURCE_EXHAUSTED instead of queueing when at the concurrency limit.
+    #[arg(long, env = "PACKET_INGEST_LOAD_SHED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub load_shed: bool,
+    /// Deadline for unary RPCs (health checks); streams are not cut by it.
+    #[arg(long, env = "PACKET_INGEST_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive ping interval, so dead clients are found.
+    #[arg(long, env = "PACKET_INGEST_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "PACKET_INGEST_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Packets the hub keeps: enough for both history and the subscriber buffer.
+    pub fn retain_packets(&self) -> u64 {
+        self.history.max(self.subscriber_buffer)
+    }
+}
+
+/// Configuration that parsed but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read --hmac-key-file {path}: {source}")]
+    HmacKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--hmac-key-file {0} is empty")]
+    EmptyHmacKey(PathBuf),
+    #[error("--require-hmac needs --hmac-key-file")]
+    RequireHmacWithoutKey,
+}
+
+/// Reads the HMAC key: the file's bytes with one trailing newline removed.
+pub fn load_hmac_key(args: &ServeArgs) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(path) = &args.hmac_key_file else {
+        if args.require_hmac {
+            return Err(ConfigError::RequireHmacWithoutKey);
+        }
+        return Ok(None);
+    };
+    let mut key = std::fs::read(path).map_err(|source| ConfigError::HmacKeyFile {
+        path: path.clone(),
+        source,
+    })?;
+    if key.last() == Some(&b'\n') {
+        key.pop();
+        if key.last() == Some(&b'\r') {
+            key.pop();
+        }
+    }
+    if key.is_empty() {
+        return Err(ConfigError::EmptyHmacKey(path.clone()));
+    }
+    Ok(Some(key))
+}
+
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|error| format!("{error} (use e.g. 500ms, 5s, 1m)"))
+}
+
+/// Bytes with an optional binary suffix: `1048576`, `64KiB`, `1MiB`, `2GiB`.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, suffix) = value.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{value}' is not a size (use e.g. 1048576, 64KiB, 256MiB)"))?;
+    let multiplier: u64 = match suffix.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size suffix '{other}' (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("'{value}' is too large"))
+}
+
+fn parse_payload_size(value: &str) -> Result<u32, String> {
+    const LIMIT: u64 = 64 << 20;
+    match parse_size(value)? {
+        0 => Err("must be at least 1 byte".to_owned()),
+        size if size > LIMIT => Err(format!("{size} is over the supported maximum of 64MiB")),
+        size => Ok(size as u32),
+    }
+}
+
+fn parse_memory_size(value: &str) -> Result<u64, String> {
+    match parse_size(value)? {
+        size if size < (1 << 20) => Err("must be at least 1MiB".to_owned()),
+        size => Ok(size),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let args = ServeArgs::try_parse_from(["packet-ingest"]).expect("defaults parse");
+        assert_eq!(args.grpc_addr.port(), 50051);
+        assert_eq!(args.ingest_addr.port(), 7000);
+        assert_eq!(args.metrics_addr.port(), 9090);
+        assert_eq!(args.max_payload, 1 << 20);
+        assert_eq!(args.memory_limit, 256 << 20);
+        assert_eq!(args.slow_subscriber, SlowSubscriberPolicy::Gap);
+        assert_eq!(args.block_timeout, Duration::from_secs(5));
+        assert_eq!(args.heartbeat, Duration::from_secs(15));
+        assert_eq!(args.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("3"), Ok(3));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert!(ServeArgs::try_parse_from(["x", "--max-payload", "0"]).is_err());
+        assert!(ServeArgs::try_parse_from(["x", "--slow-subscriber", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn hmac_key_drops_one_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("pi-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("key");
+        std::fs::write(&path, b"secret\n\n").expect("write key");
+        let args =
+            ServeArgs::try_parse_from(["x", "--hmac-key-file", path.to_str().expect("utf8")])
+                .expect("parse");
+        assert_eq!(
+            load_hmac_key(&args).expect("key"),
+            Some(b"secret\n".to_vec())
+        );
+        let missing = ServeArgs::try_parse_from(["x", "--require-hmac"]).expect("parse");
+        assert!(matches!(
+            load_hmac_key(&missing),
+            Err(ConfigError::RequireHmacWithoutKey)
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

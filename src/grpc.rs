@@ -1,0 +1,187 @@
+//! The `packetingest.v1.Packets` service: `Subscribe` streams out of the hub,
+//! `Publish` feeds the same verifier and hub as the TCP port.
+//!
+//! A Subscribe stream owns its hub `Subscription` and its `--max-subscribers`
+//! permit, so both are released the moment tonic drops the stream (client gone,
+//! stream ended). Heartbeats keep idle streams alive through proxies.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::{FutureExt, Stream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    error::ServiceError,
+    frame::{Channel, Digest, Frame, FLAG_HMAC},
+    hub::{Hub, Next, Subscription},
+    ingest::unix_nanos_now,
+    metrics::Metrics,
+    pb::{PublishRequest, PublishResponse, SubscribeRequest},
+    verify::{FrameBatch, OrderedPipeline, VerifyPool},
+    wire::{ChannelFilter, Delivery},
+};
+
+pub use crate::pb_server::packets_server::{Packets, PacketsServer};
+
+/// Requests a Publish stream gathers into one verification batch when they are
+/// already buffered; a lone request is never held back waiting for more.
+const PUBLISH_BATCH: usize = 256;
+
+pub struct PacketsService {
+    pub hub: Arc<Hub>,
+    pub pool: VerifyPool,
+    pub metrics: Arc<Metrics>,
+    pub subscriber_permits: Arc<Semaphore>,
+    pub max_subscribers: usize,
+    pub heartbeat: Duration,
+    pub max_payload: u32,
+    pub max_in_flight: usize,
+    /// Fired when shutdown starts: new streams are refused.
+    pub draining: CancellationToken,
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, Status>> + Send>>;
+
+struct SubscribeState {
+    subscription: Subscription,
+    heartbeat: Duration,
+    metrics: Arc<Metrics>,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[tonic::async_trait]
+impl Packets for PacketsService {
+    type SubscribeStream = DeliveryStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<DeliveryStream>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        let permit = Arc::clone(&self.subscriber_permits)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::TooManySubscribers {
+                limit: self.max_subscribers,
+            })?;
+        let subscription = self
+            .hub
+            .subscribe(ChannelFilter::new(request.channels), request.from_sequence)
+            .map_err(ServiceError::from)?;
+        tracing::debug!(peer = ?peer, from = ?request.from_sequence, "subscriber joined");
+        let state = SubscribeState {
+            subscription,
+            heartbeat: self.heartbeat,
+            metrics: Arc::clone(&self.metrics),
+            done: false,
+            _permit: permit,
+        };
+        let stream = futures::stream::unfold(state, |mut state| async move {
+            if state.done {
+                return None;
+            }
+            let item = match state.subscription.next(state.heartbeat).await {
+                Next::Delivery(delivery) => Ok(delivery),
+                Next::Idle => Ok(Delivery::default()),
+                Next::End(end) => {
+                    state.done = true;
+                    state
+                        .metrics
+                        .subscribers_disconnected
+                        .add(end.reason(), 1, 0);
+                    tracing::debug!(%end, "ending subscriber stream");
+                    Err(Status::from(ServiceError::from(end)))
+                }
+            };
+            Some((item, state))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let source = match request.remote_addr() {
+            Some(addr) => format!("grpc/{addr}"),
+            None => "grpc/unknown".to_owned(),
+        };
+        let mut requests = request.into_inner();
+        let mut pipeline =
+            OrderedPipeline::new(self.pool.clone(), Arc::from(source), self.max_in_flight);
+        let mut response = PublishResponse::default();
+        let mut input_done = false;
+        let mut refusal: Option<ServiceError> = None;
+        loop {
+            tokio::select! {
+                Some(verified) = pipeline.next(), if !pipeline.is_idle() => {
+                    self.metrics.record_batch(&verified);
+                    response.accepted += verified.accepted.len() as u64;
+                    response.rejected += verified.rejected_packets();
+                    let range = self.hub.publish(verified.accepted).await;
+                    if !range.is_empty() {
+                        response.last_sequence = range.end - 1;
+                    }
+                }
+                first = requests.message(), if !input_done && pipeline.has_room() => {
+                    let first = match first {
+                        Ok(Some(first)) => first,
+                        Ok(None) => { input_done = true; continue; }
+                        Err(status) => return Err(status),
+                    };
+                    let mut batch = FrameBatch { frames: Vec::new(), received_unix_nanos: unix_nanos_now() };
+                    let mut next = Some(first);
+                    while let Some(request) = next.take() {
+                        match self.frame_from(request) {
+                            Ok(frame) => batch.frames.push(frame),
+                            Err(error) => { refusal = Some(error); input_done = true; break; }
+                        }
+                        if batch.frames.len() < PUBLISH_BATCH {
+                            next = requests.message().now_or_never().and_then(|r| r.ok().flatten());
+                        }
+                    }
+                    pipeline.submit(batch);
+                }
+                else => break,
+            }
+        }
+        match refusal {
+            Some(error) => Err(error.into()),
+            None => Ok(Response::new(response)),
+        }
+    }
+}
+
+impl PacketsService {
+    /// Turns a request into the frame a TCP producer would have sent.
+    fn frame_from(&self, request: PublishRequest) -> Result<Frame, ServiceError> {
+        if request.payload.len() > self.max_payload as usize {
+            return Err(ServiceError::PayloadTooLong {
+                length: request.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        if request.hmac && !self.pool.verifier().has_hmac_key() {
+            return Err(ServiceError::HmacNotConfigured);
+        }
+        let flags = if request.hmac { FLAG_HMAC } else { 0 };
+        // A digest of the wrong length is counted as a mismatch like any other:
+        // all zeros stands in for it (no input hashes to it in practice).
+        let digest = <[u8; 32]>::try_from(request.digest.as_ref()).unwrap_or([0u8; 32]);
+        Ok(Frame::new(
+            Channel(request.channel),
+            flags,
+            request.payload,
+            Digest(digest),
+        ))
+    }
+}

@@ -1,0 +1,513 @@
+//! The hub: sequence numbers, the shared ring of recent batches, and delivery.
+//!
+//! The hub is a broadcast channel bounded in bytes as well as packets. Publishers
+//! stamp each verified batch with the next sequences and append it to one ring
+//! (`VecDeque` of `Arc`ed, pre-encoded batches), and a `watch` of the next
+//! sequence wakes subscribers. Every subscriber is just a cursor into that ring,
+//! so history replay and live delivery are the same read (no seam to race), one
+//! copy of a packet serves every subscriber, and the memory held for history and
+//! lagging subscribers together is the ring's, capped by `--memory-limit`.
+//! A subscriber whose cursor falls off the ring is handled by the slow-subscriber
+//! policy: skip ahead and report `missed` (gap), end the stream (disconnect), or,
+//! in block mode, the ring may not drop what it has not read, so publishers wait
+//! (that is the TCP backpressure) until it catches up or is cut after
+//! `--block-timeout`.
+
+use std::{
+    collections::VecDeque,
+    ops::Range,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{watch, Notify};
+
+use crate::{
+    metrics::Metrics,
+    wire::{ChannelFilter, Delivery, EncodedPackets, Segment, SequencedBatch},
+};
+
+/// What happens to a subscriber that falls further behind than the hub retains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlowSubscriberPolicy {
+    /// Skip to the oldest retained packet and report the loss in `missed`.
+    Gap,
+    /// End the stream with `RESOURCE_EXHAUSTED`.
+    Disconnect,
+    /// Lossless: publishers wait until the slowest subscriber catches up.
+    Block,
+}
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Packets kept for replay and lagging subscribers: max(--history, --subscriber-buffer).
+    pub retain_packets: u64,
+    /// Bytes kept for the same, whichever limit is hit first.
+    pub memory_limit: usize,
+    pub policy: SlowSubscriberPolicy,
+    pub block_timeout: Duration,
+    /// Soft cap on one response's encoded size (always at least one packet).
+    pub max_delivery_bytes: usize,
+}
+
+/// Why `subscribe` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("from_sequence {requested} is beyond the next sequence {next}; the server may have restarted, subscribe again without from_sequence or from a sequence it has")]
+    OutOfRange { requested: u64, next: u64 },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a subscription ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionEnd {
+    #[error("subscriber fell {behind} packets behind, more than the {retained} this server retains (--slow-subscriber disconnect)")]
+    Lagged { behind: u64, retained: u64 },
+    #[error("subscriber made no progress for {0:?} while the hub was full (--slow-subscriber block, --block-timeout)")]
+    Stuck(Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl SubscriptionEnd {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SubscriptionEnd::Lagged { .. } => "lagged",
+            SubscriptionEnd::Stuck(_) => "block_timeout",
+            SubscriptionEnd::ShuttingDown => "shutdown",
+        }
+    }
+}
+
+/// What a subscriber learns when it asks for more.
+#[derive(Debug)]
+pub enum Next {
+    Delivery(Delivery),
+    /// Nothing arrived for the heartbeat interval.
+    Idle,
+    End(SubscriptionEnd),
+}
+
+/// A subscriber's position, visible to publishers in block mode.
+#[derive(Debug)]
+struct Slot {
+    cursor: AtomicU64,
+    kicked: AtomicBool,
+}
+
+struct Stored {
+    batch: Arc<SequencedBatch>,
+    bytes: usize,
+}
+
+struct Ring {
+    batches: VecDeque<Stored>,
+    next_sequence: u64,
+    retained_packets: u64,
+    retained_bytes: usize,
+    slots: Vec<Arc<Slot>>,
+    closed: bool,
+}
+
+impl Ring {
+    fn oldest_sequence(&self) -> u64 {
+        self.batches
+            .front()
+            .map_or(self.next_sequence, |stored| stored.batch.first_sequence)
+    }
+
+    /// Cursor of the slowest subscriber that still counts in block mode.
+    fn slowest_live_cursor(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .filter(|slot| !slot.kicked.load(Ordering::Relaxed))
+            .map(|slot| slot.cursor.load(Ordering::Acquire))
+            .min()
+    }
+
+    /// Bytes of batches that still hold packets at or after `cursor`.
+    fn bytes_from(&self, cursor: u64) -> usize {
+        self.batches
+            .iter()
+            .rev()
+            .take_while(|stored| stored.batch.end_sequence() > cursor)
+            .map(|stored| stored.bytes)
+            .sum()
+    }
+}
+
+/// Shared by ingest connections, Publish streams and Subscribe streams.
+pub struct Hub {
+    ring: Mutex<Ring>,
+    /// The next sequence to be assigned; its changes wake subscribers.
+    head: watch::Sender<u64>,
+    /// Woken whenever a subscriber advances or leaves (block mode waits on it).
+    progress: Notify,
+    config: HubConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Hub {
+            ring: Mutex::new(Ring {
+                batches: VecDeque::new(),
+                next_sequence: 1,
+                retained_packets: 0,
+                retained_bytes: 0,
+                slots: Vec::new(),
+                closed: false,
+            }),
+            head: watch::Sender::new(1),
+            progress: Notify::new(),
+            config,
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        // A panic while holding the lock leaves the ring consistent (every
+        // mutation completes before anything can panic), so keep serving.
+        self.ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The next sequence to be assigned (one past the newest packet).
+    pub fn next_sequence(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Appends a verified batch and returns the sequences it got.
+    ///
+    /// In block mode this waits while the slowest subscriber would otherwise
+    /// lose packets; the caller's wait is what stops its socket being read.
+    pub async fn publish(&self, packets: EncodedPackets) -> Range<u64> {
+        if packets.is_empty() {
+            let next = self.next_sequence();
+            return next..next;
+        }
+        let count = packets.len() as u64;
+        let bytes = packets.byte_size();
+        let mut packets = Some(packets);
+        let mut blocked: Option<(Instant, u64)> = None;
+        loop {
+            let progressed = self.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            {
+                let mut ring = self.lock();
+                let slowest = match self.config.policy {
+                    SlowSubscriberPolicy::Block if !ring.closed => ring.slowest_live_cursor(),
+                    _ => None,
+                };
+                if slowest.is_none_or(|cursor| self.has_room(&ring, cursor, count, bytes)) {
+                    let Some(packets) = packets.take() else {
+                        unreachable!("packets are taken exactly once, on the way out")
+                    };
+                    let range = self.append(&mut ring, packets, bytes, slowest);
+                    drop(ring);
+                    self.head.send_replace(range.end);
+                    return range;
+                }
+                let slowest = slowest.unwrap_or_default();
+                match blocked {
+                    Some((_, stuck_at)) if slowest > stuck_at => {
+                        blocked = Some((Instant::now(), slowest));
+                    }
+                    Some((since, stuck_at)) if since.elapsed() >= self.config.block_timeout => {
+                        self.kick_stuck(&ring, stuck_at);
+                        blocked = None;
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => blocked = Some((Instant::now(), slowest)),
+                }
+            }
+            let since = blocked.map_or_else(Instant::now, |(since, _)| since);
+            let remaining = self.config.block_timeout.saturating_sub(since.elapsed());
+            let _ = tokio::time::timeout(remaining, progressed).await;
+        }
+    }
+
+    /// Block mode: would appending keep every live subscriber within what is retained?
+    fn has_room(&self, ring: &Ring, slowest: u64, count: u64, bytes: usize) -> bool {
+        if slowest >= ring.next_sequence {
+            return true; // everyone is caught up: always take one batch
+        }
+        let behind_after = ring.next_sequence + count - slowest;
+        behind_after <= self.config.retain_packets
+            && ring.bytes_from(slowest) + bytes <= self.config.memory_limit
+    }
+
+    fn kick_stuck(&self, ring: &Ring, stuck_at: u64) {
+        for slot in &ring.slots {
+            if slot.cursor.load(Ordering::Acquire) <= stuck_at
+                && !slot.kicked.swap(true, Ordering::AcqRel)
+            {
+                tracing::warn!(
+                    cursor = stuck_at,
+                    timeout = ?self.config.block_timeout,
+                    "cutting a subscriber stuck while the hub is full"
+                );
+            }
+        }
+    }
+
+    fn append(
+        &self,
+        ring: &mut Ring,
+        packets: EncodedPackets,
+        bytes: usize,
+        protect_from: Option<u64>,
+    ) -> Range<u64> {
+        let first = ring.next_sequence;
+        let count = packets.len() as u64;
+        ring.batches.push_back(Stored {
+            batch: Arc::new(SequencedBatch {
+                first_sequence: first,
+                packets,
+            }),
+            bytes,
+        });
+        ring.next_sequence += count;
+        ring.retained_packets += count;
+        ring.retained_bytes += bytes;
+        // Oldest first: over the byte limit, or more packets than needed for
+        // the retention count. Block mode never drops what a live subscriber
+        // has not read yet.
+        while let Some(front) = ring.batches.front() {
+            let front_len = front.batch.packets.len() as u64;
+            let over_bytes = ring.retained_bytes > self.config.memory_limit;
+            let over_count = ring.retained_packets - front_len >= self.config.retain_packets;
+            let unread = protect_from.is_some_and(|cursor| front.batch.end_sequence() > cursor);
+            if !(over_bytes || over_count) || unread || ring.batches.len() == 1 {
+                break;
+            }
+            ring.retained_bytes -= front.bytes;
+            ring.retained_packets -= front_len;
+            ring.batches.pop_front();
+        }
+        self.metrics
+            .hub_retained_bytes
+            .set(ring.retained_bytes as i64);
+        self.metrics
+            .hub_retained_packets
+            .set(ring.retained_packets as i64);
+        first..ring.next_sequence
+    }
+
+    /// Starts a subscription: live from now, or replay from `from_sequence` then live.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        filter: ChannelFilter,
+        from_sequence: Option<u64>,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut ring = self.lock();
+        if ring.closed {
+            return Err(SubscribeError::ShuttingDown);
+        }
+        let next = ring.next_sequence;
+        let oldest = ring.oldest_sequence();
+        let (cursor, missed) = match from_sequence {
+            None => (next, 0),
+            Some(requested) if requested > next => {
+                return Err(SubscribeError::OutOfRange { requested, next })
+            }
+            Some(requested) => {
+                let requested = requested.max(1);
+                match requested < oldest {
+                    true => (oldest, oldest - requested),
+                    false => (requested, 0),
+                }
+            }
+        };
+        let slot = Arc::new(Slot {
+            cursor: AtomicU64::new(cursor),
+            kicked: AtomicBool::new(false),
+        });
+        ring.slots.push(Arc::clone(&slot));
+        drop(ring);
+        self.metrics.subscribers.inc();
+        if missed > 0 {
+            self.metrics.packets_missed.inc_by(missed);
+        }
+        Ok(Subscription {
+            hub: Arc::clone(self),
+            slot,
+            cursor,
+            pending_missed: missed,
+            filter,
+            head: self.head.subscribe(),
+        })
+    }
+
+    /// Stops taking packets; subscribers drain what is there and then end.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.head.send_modify(|_| {});
+        self.progress.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// One subscriber's cursor into the hub. Dropping it releases everything at once.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    slot: Arc<Slot>,
+    cursor: u64,
+    pending_missed: u64,
+    filter: ChannelFilter,
+    head: watch::Receiver<u64>,
+}
+
+enum Take {
+    Ready(Delivery),
+    Empty,
+    End(SubscriptionEnd),
+}
+
+impl Subscription {
+    /// The next batch for this subscriber, waiting up to `heartbeat` for one.
+    pub async fn next(&mut self, heartbeat: Duration) -> Next {
+        loop {
+            self.head.borrow_and_update();
+            match self.take() {
+                Take::Ready(delivery) => return Next::Delivery(delivery),
+                Take::End(end) => return Next::End(end),
+                Take::Empty => {}
+            }
+            match tokio::time::timeout(heartbeat, self.head.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Next::End(SubscriptionEnd::ShuttingDown),
+                Err(_) => return Next::Idle,
+            }
+        }
+    }
+
+    /// Takes what is ready without waiting; skips packets the filter excludes.
+    fn take(&mut self) -> Take {
+        let max_bytes = self.hub.config.max_delivery_bytes;
+        loop {
+            let batches = {
+                let ring = self.hub.lock();
+                if self.slot.kicked.load(Ordering::Acquire) {
+                    return Take::End(SubscriptionEnd::Stuck(self.hub.config.block_timeout));
+                }
+                let oldest = ring.oldest_sequence();
+                if self.cursor < oldest {
+                    let behind = ring.next_sequence - self.cursor;
+                    if self.hub.config.policy == SlowSubscriberPolicy::Disconnect {
+                        return Take::End(SubscriptionEnd::Lagged {
+                            behind,
+                            retained: ring.retained_packets,
+                        });
+                    }
+                    self.pending_missed += oldest - self.cursor;
+                    self.hub.metrics.packets_missed.inc_by(oldest - self.cursor);
+                    self.cursor = oldest;
+                }
+                if self.cursor >= ring.next_sequence {
+                    return match ring.closed {
+                        true => Take::End(SubscriptionEnd::ShuttingDown),
+                        false => Take::Empty,
+                    };
+                }
+                // Clone the few batches this response can use; the exact walk
+                // (filter, size cap) happens after the lock is released.
+                let cursor = self.cursor;
+                let start = ring
+                    .batches
+                    .partition_point(|stored| stored.batch.end_sequence() <= cursor);
+                let mut approx = 0;
+                let mut batches = Vec::new();
+                for stored in ring.batches.range(start..) {
+                    if approx >= max_bytes {
+                        break;
+                    }
+                    approx += stored.bytes;
+                    batches.push(Arc::clone(&stored.batch));
+                }
+                batches
+            };
+            let delivery = self.collect(batches, max_bytes);
+            self.slot.cursor.store(self.cursor, Ordering::Release);
+            if self.hub.config.policy == SlowSubscriberPolicy::Block {
+                self.hub.progress.notify_waiters();
+            }
+            if let Some(delivery) = delivery {
+                return Take::Ready(delivery);
+            }
+        }
+    }
+
+    /// Walks `batches` from the cursor, up to `max_bytes` of matching packets.
+    fn collect(&mut self, batches: Vec<Arc<SequencedBatch>>, max_bytes: usize) -> Option<Delivery> {
+        let mut delivery = Delivery {
+            filter: self.filter.clone(),
+            ..Delivery::default()
+        };
+        let mut matched = 0u64;
+        for batch in batches {
+            let start = (self.cursor - batch.first_sequence) as usize;
+            let mut end = start;
+            while end < batch.packets.len() {
+                if self.filter.matches(batch.packets.channel(end)) {
+                    let len = batch.record_len(end);
+                    if delivery.encoded_len > 0 && delivery.encoded_len + len > max_bytes {
+                        break;
+                    }
+                    delivery.encoded_len += len;
+                    matched += 1;
+                }
+                end += 1;
+            }
+            self.cursor = batch.first_sequence + end as u64;
+            let full = end < batch.packets.len();
+            if end > start {
+                delivery.segments.push(Segment {
+                    batch,
+                    range: start..end,
+                });
+            }
+            if full {
+                break;
+            }
+        }
+        if matched == 0 {
+            return None;
+        }
+        self.hub.metrics.packets_delivered.inc_by(matched);
+        delivery.missed = std::mem::take(&mut self.pending_missed);
+        Some(delivery)
+    }
+
+    /// Packets lost but not yet reported (reported with the next delivery).
+    pub fn pending_missed(&self) -> u64 {
+        self.pending_missed
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut ring = self.hub.lock();
+        ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
+        drop(ring);
+        self.hub.metrics.subscribers.dec();
+        self.hub.progress.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests;

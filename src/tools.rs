@@ -1,0 +1,274 @@
+//! The helper subcommands a person debugs with: `send` (frame and send data to
+//! the ingest port), `tail` (subscribe and print), `health` (exit 0 if SERVING).
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use bytes::{Bytes, BytesMut};
+use clap::{Args, ValueEnum};
+use tokio::io::AsyncWriteExt;
+
+use crate::{
+    frame::{sha256_frame, signed_header, Channel, Digest, Frame, FLAG_HMAC},
+    pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
+    verify::hmac_digest,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Split {
+    /// One packet per line (newline removed).
+    Line,
+    /// Fixed-size packets of --chunk-size bytes (the last may be shorter).
+    Size,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Ingest address to connect to.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub addr: SocketAddr,
+    /// Channel of every packet sent.
+    #[arg(long, default_value_t = 0)]
+    pub channel: u32,
+    /// How the input is cut into packets.
+    #[arg(long, value_enum, default_value_t = Split::Line)]
+    pub split: Split,
+    /// Packet size for --split size.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_size: usize,
+    /// Sign packets with HMAC-SHA256 using this key file (one trailing newline removed).
+    #[arg(long)]
+    pub hmac_key_file: Option<PathBuf>,
+    /// Input file; stdin when absent.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TailFormat {
+    /// One JSON object per packet.
+    Json,
+    /// A header line and a hexdump per packet.
+    Hex,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Only these channels (repeat the flag); all when absent.
+    #[arg(long = "channel")]
+    pub channels: Vec<u32>,
+    /// Replay retained packets from this sequence, then follow live.
+    #[arg(long = "from")]
+    pub from_sequence: Option<u64>,
+    #[arg(long, value_enum, default_value_t = TailFormat::Json)]
+    pub format: TailFormat,
+    /// Exit after this many packets.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// gRPC address, with or without http://.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Service name to check; "" is the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+}
+
+pub type ToolError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Builds the frame for `payload`, HMAC-signed when a key is given.
+pub fn make_frame(channel: Channel, payload: Bytes, hmac_key: Option<&[u8]>) -> Frame {
+    match hmac_key {
+        None => sha256_frame(channel, payload),
+        Some(key) => {
+            let header = signed_header(channel, FLAG_HMAC, payload.len() as u32);
+            let digest = hmac_digest(key, &header, &payload);
+            Frame {
+                signed_header: header,
+                digest: Digest(digest),
+                payload,
+            }
+        }
+    }
+}
+
+/// Cuts `input` into payloads as `split` says.
+pub fn split_input(input: &[u8], split: Split, chunk_size: usize) -> Vec<Bytes> {
+    let input = Bytes::copy_from_slice(input);
+    match split {
+        Split::Line => {
+            let mut out = Vec::new();
+            let mut start = 0;
+            for (index, byte) in input.iter().enumerate() {
+                if *byte == b'\n' {
+                    out.push(input.slice(start..index));
+                    start = index + 1;
+                }
+            }
+            if start < input.len() {
+                out.push(input.slice(start..));
+            }
+            out
+        }
+        Split::Size => (0..input.len())
+            .step_by(chunk_size.max(1))
+            .map(|start| input.slice(start..(start + chunk_size.max(1)).min(input.len())))
+            .collect(),
+    }
+}
+
+pub async fn send(args: SendArgs) -> Result<(), ToolError> {
+    let mut input = Vec::new();
+    match &args.file {
+        Some(path) => input = std::fs::read(path)?,
+        None => {
+            std::io::stdin().read_to_end(&mut input)?;
+        }
+    }
+    let key = match &args.hmac_key_file {
+        Some(path) => {
+            let mut key = std::fs::read(path)?;
+            if key.last() == Some(&b'\n') {
+                key.pop();
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let payloads = split_input(&input, args.split, args.chunk_size);
+    let mut wire = BytesMut::new();
+    for payload in &payloads {
+        make_frame(Channel(args.channel), payload.clone(), key.as_deref()).encode(&mut wire);
+    }
+    let mut stream = tokio::net::TcpStream::connect(args.addr).await?;
+    stream.write_all(&wire).await?;
+    stream.shutdown().await?;
+    eprintln!(
+        "sent {} packets ({} bytes) to {}",
+        payloads.len(),
+        wire.len(),
+        args.addr
+    );
+    Ok(())
+}
+
+fn endpoint(addr: &str) -> String {
+    match addr.contains("://") {
+        true => addr.to_owned(),
+        false => format!("http://{addr}"),
+    }
+}
+
+pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
+    let mut client = PacketsClient::connect(endpoint(&args.addr))
+        .await?
+        .max_decoding_message_size(usize::MAX);
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            channels: args.channels.clone(),
+            from_sequence: args.from_sequence,
+        })
+        .await?
+        .into_inner();
+    let mut seen = 0u64;
+    let stdout = std::io::stdout();
+    while let Some(response) = stream.message().await? {
+        let mut out = stdout.lock();
+        if response.missed > 0 {
+            writeln!(out, "{}", serde_json::json!({ "missed": response.missed }))?;
+        }
+        for packet in &response.packets {
+            match args.format {
+                TailFormat::Json => writeln!(out, "{}", packet_json(packet))?,
+                TailFormat::Hex => write_hexdump(&mut out, packet)?,
+            }
+            seen += 1;
+            if args.count.is_some_and(|count| seen >= count) {
+                return Ok(());
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// A packet as one JSON object; the payload as text when it is UTF-8, else hex.
+pub fn packet_json(packet: &Packet) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "sequence": packet.sequence,
+        "channel": packet.channel,
+        "source": packet.source,
+        "source_sequence": packet.source_sequence,
+        "received_unix_nanos": packet.received_unix_nanos,
+        "digest": hex::encode(&packet.digest),
+    });
+    match std::str::from_utf8(&packet.payload) {
+        Ok(text) => value["payload"] = text.into(),
+        Err(_) => value["payload_hex"] = hex::encode(&packet.payload).into(),
+    }
+    value
+}
+
+fn write_hexdump(out: &mut impl Write, packet: &Packet) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "#{} channel={} source={} source_sequence={} len={}",
+        packet.sequence,
+        packet.channel,
+        packet.source,
+        packet.source_sequence,
+        packet.payload.len()
+    )?;
+    for (row, chunk) in packet.payload.chunks(16).enumerate() {
+        let hex: Vec<String> = chunk.iter().map(|byte| format!("{byte:02x}")).collect();
+        let text: String = chunk
+            .iter()
+            .map(|&byte| match byte.is_ascii_graphic() || byte == b' ' {
+                true => byte as char,
+                false => '.',
+            })
+            .collect();
+        writeln!(out, "  {:08x}  {:<48} |{}|", row * 16, hex.join(" "), text)?;
+    }
+    Ok(())
+}
+
+pub async fn health(args: HealthArgs) -> Result<bool, ToolError> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Endpoint::from_shared(endpoint(&args.addr))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service,
+        })
+        .await?
+        .into_inner();
+    let serving =
+        response.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+    Ok(serving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_line_and_by_size() {
+        let lines = split_input(b"a\nbb\n\nccc", Split::Line, 0);
+        assert_eq!(lines, vec![&b"a"[..], b"bb", b"", b"ccc"]);
+        let chunks = split_input(b"abcdefg", Split::Size, 3);
+        assert_eq!(chunks, vec![&b"abc"[..], b"def", b"g"]);
+    }
+}

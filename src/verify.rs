@@ -1,0 +1,382 @@
+//! Packet verification and the ordered parallel stage that runs it off the reactor.
+//!
+//! `Verifier` checks one frame: SHA-256 (or HMAC-SHA256 with the deployment key)
+//! over header bytes 0..12 and the payload, compared in constant time.
+//! `OrderedPipeline` is how a connection uses it: batches of frames go to a
+//! rayon pool (never the tokio worker threads), up to a bounded number in
+//! flight, and come back in submission order through `FuturesOrdered`. The bound
+//! is the backpressure: a connection whose pipeline is full stops reading its
+//! socket. Accepted packets leave here already protobuf-encoded (see `wire`).
+
+use std::{sync::Arc, time::Instant};
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use hmac::{Hmac, Mac};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use crate::{
+    frame::Frame,
+    wire::{EncodedPackets, EncodedPacketsBuilder, PacketFields},
+};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a well-formed frame was dropped. The connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("digest does not match header and payload")]
+    DigestMismatch,
+    #[error("plain SHA-256 digest while --require-hmac is set")]
+    HmacRequired,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 2] = [Rejection::DigestMismatch, Rejection::HmacRequired];
+
+    /// Stable label for metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::DigestMismatch => "digest_mismatch",
+            Rejection::HmacRequired => "hmac_required",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Checks digests. Holds the HMAC key (pre-keyed state); never prints it.
+#[derive(Clone)]
+pub struct Verifier {
+    hmac: Option<HmacSha256>,
+    require_hmac: bool,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("hmac_key", &self.hmac.as_ref().map(|_| "<redacted>"))
+            .field("require_hmac", &self.require_hmac)
+            .finish()
+    }
+}
+
+impl Verifier {
+    pub fn new(hmac_key: Option<&[u8]>, require_hmac: bool) -> Self {
+        Verifier {
+            // HMAC accepts keys of any length, so this cannot fail.
+            hmac: hmac_key.and_then(|key| HmacSha256::new_from_slice(key).ok()),
+            require_hmac,
+        }
+    }
+
+    pub fn has_hmac_key(&self) -> bool {
+        self.hmac.is_some()
+    }
+
+    pub fn check(&self, frame: &Frame) -> Result<(), Rejection> {
+        if !frame.is_hmac() {
+            if self.require_hmac {
+                return Err(Rejection::HmacRequired);
+            }
+            let mut hasher = Sha256::new();
+            hasher.update(frame.signed_header);
+            hasher.update(&frame.payload);
+            let computed: [u8; 32] = hasher.finalize().into();
+            return match bool::from(computed.ct_eq(&frame.digest.0)) {
+                true => Ok(()),
+                false => Err(Rejection::DigestMismatch),
+            };
+        }
+        let Some(keyed) = &self.hmac else {
+            // The framer refuses these before they get here; never accept one.
+            return Err(Rejection::DigestMismatch);
+        };
+        let mut mac = keyed.clone();
+        mac.update(&frame.signed_header);
+        mac.update(&frame.payload);
+        mac.verify_slice(&frame.digest.0)
+            .map_err(|_| Rejection::DigestMismatch)
+    }
+}
+
+/// The digest a producer sends for `frame`'s header and payload with `key`.
+pub fn hmac_digest(key: &[u8], signed_header: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(signed_header);
+    mac.update(payload);
+    mac.finalize().into_bytes().into()
+}
+
+/// Frames of one source, in order, all completed by the same read.
+#[derive(Debug, Default)]
+pub struct FrameBatch {
+    pub frames: Vec<Frame>,
+    pub received_unix_nanos: i64,
+}
+
+impl FrameBatch {
+    pub fn wire_bytes(&self) -> usize {
+        self.frames.iter().map(Frame::wire_len).sum()
+    }
+}
+
+/// The result of verifying one `FrameBatch`.
+#[derive(Debug, Default)]
+pub struct VerifiedBatch {
+    pub accepted: EncodedPackets,
+    pub accepted_bytes: u64,
+    /// Rejections by `Rejection` index: (packets, wire bytes).
+    pub rejected: [(u64, u64); 2],
+    pub frames: u64,
+    /// Time spent hashing and encoding this batch on the pool.
+    pub verify_seconds: f64,
+}
+
+impl VerifiedBatch {
+    pub fn rejected_packets(&self) -> u64 {
+        self.rejected.iter().map(|(packets, _)| packets).sum()
+    }
+
+    pub fn rejected_for(&self, rejection: Rejection) -> (u64, u64) {
+        self.rejected[rejection.index()]
+    }
+}
+
+/// Verifies and encodes a batch. Runs on the pool; pure CPU work.
+pub fn verify_batch(
+    verifier: &Verifier,
+    source: &str,
+    first_source_sequence: u64,
+    batch: &FrameBatch,
+) -> VerifiedBatch {
+    let started = Instant::now();
+    let estimated_body: usize = batch
+        .frames
+        .iter()
+        .map(|frame| frame.payload.len() + source.len() + 64)
+        .sum();
+    let mut accepted = EncodedPacketsBuilder::with_capacity(batch.frames.len(), estimated_body);
+    let mut result = VerifiedBatch {
+        frames: batch.frames.len() as u64,
+        ..VerifiedBatch::default()
+    };
+    for (offset, frame) in batch.frames.iter().enumerate() {
+        match verifier.check(frame) {
+            Ok(()) => {
+                result.accepted_bytes += frame.wire_len() as u64;
+                accepted.push(&PacketFields {
+                    channel: frame.channel(),
+                    payload: &frame.payload,
+                    digest: &frame.digest.0,
+                    source,
+                    source_sequence: first_source_sequence + offset as u64,
+                    received_unix_nanos: batch.received_unix_nanos,
+                });
+            }
+            Err(rejection) => {
+                let slot = &mut result.rejected[rejection.index()];
+                slot.0 += 1;
+                slot.1 += frame.wire_len() as u64;
+            }
+        }
+    }
+    result.accepted = accepted.finish();
+    result.verify_seconds = started.elapsed().as_secs_f64();
+    result
+}
+
+/// The shared CPU pool and verifier. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct VerifyPool {
+    pool: Arc<rayon::ThreadPool>,
+    verifier: Arc<Verifier>,
+}
+
+impl VerifyPool {
+    /// `threads` = 0 means one per core.
+    pub fn new(verifier: Verifier, threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|index| format!("verify-{index}"))
+            .build()?;
+        Ok(VerifyPool {
+            pool: Arc::new(pool),
+            verifier: Arc::new(verifier),
+        })
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn spawn(
+        &self,
+        source: Arc<str>,
+        first_source_sequence: u64,
+        batch: FrameBatch,
+    ) -> oneshot::Receiver<VerifiedBatch> {
+        let (reply, result) = oneshot::channel();
+        let verifier = Arc::clone(&self.verifier);
+        self.pool.spawn(move || {
+            // The receiver is gone only if the connection was torn down.
+            let _ = reply.send(verify_batch(
+                &verifier,
+                &source,
+                first_source_sequence,
+                &batch,
+            ));
+        });
+        result
+    }
+}
+
+/// Per-source ordered verification: submit batches, take results in order.
+pub struct OrderedPipeline {
+    pool: VerifyPool,
+    source: Arc<str>,
+    in_flight: FuturesOrdered<oneshot::Receiver<VerifiedBatch>>,
+    max_in_flight: usize,
+    next_source_sequence: u64,
+}
+
+impl OrderedPipeline {
+    pub fn new(pool: VerifyPool, source: Arc<str>, max_in_flight: usize) -> Self {
+        OrderedPipeline {
+            pool,
+            source,
+            in_flight: FuturesOrdered::new(),
+            max_in_flight: max_in_flight.max(1),
+            next_source_sequence: 0,
+        }
+    }
+
+    pub fn source(&self) -> &Arc<str> {
+        &self.source
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.in_flight.len() < self.max_in_flight
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Sends a batch to the pool; its frames take the next source sequences.
+    pub fn submit(&mut self, batch: FrameBatch) {
+        if batch.frames.is_empty() {
+            return;
+        }
+        let first = self.next_source_sequence;
+        self.next_source_sequence += batch.frames.len() as u64;
+        let result = self.pool.spawn(Arc::clone(&self.source), first, batch);
+        self.in_flight.push_back(result);
+    }
+
+    /// Counts a frame that never reached verification (keeps the index gap visible).
+    pub fn skip_source_sequence(&mut self) {
+        self.next_source_sequence += 1;
+    }
+
+    /// The oldest submitted batch's result, once it is ready. `None` when idle.
+    pub async fn next(&mut self) -> Option<VerifiedBatch> {
+        // A dropped sender means a pool thread panicked: treat the batch as lost
+        // rather than bringing the connection down with it.
+        loop {
+            match self.in_flight.next().await? {
+                Ok(batch) => return Some(batch),
+                Err(_) => {
+                    tracing::error!(source = %self.source, "verification task failed");
+                    continue;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{sha256_frame, signed_header, Channel, Digest, FLAG_HMAC};
+    use bytes::Bytes;
+
+    fn hmac_frame(key: &[u8], payload: &'static [u8]) -> Frame {
+        let header = signed_header(Channel(3), FLAG_HMAC, payload.len() as u32);
+        Frame {
+            signed_header: header,
+            digest: Digest(hmac_digest(key, &header, payload)),
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn sha256_frame_verifies_and_any_flipped_bit_is_rejected() {
+        let verifier = Verifier::new(None, false);
+        let frame = sha256_frame(Channel(9), Bytes::from_static(b"payload"));
+        assert_eq!(verifier.check(&frame), Ok(()));
+        for byte in 0..32 {
+            for bit in 0..8 {
+                let mut bad = frame.clone();
+                bad.digest.0[byte] ^= 1 << bit;
+                assert_eq!(verifier.check(&bad), Err(Rejection::DigestMismatch));
+            }
+        }
+        let mut bad_channel = frame.clone();
+        bad_channel.signed_header[7] ^= 1;
+        assert_eq!(verifier.check(&bad_channel), Err(Rejection::DigestMismatch));
+    }
+
+    #[test]
+    fn hmac_right_key_wrong_key_and_require_hmac() {
+        let verifier = Verifier::new(Some(b"secret"), true);
+        assert_eq!(verifier.check(&hmac_frame(b"secret", b"x")), Ok(()));
+        assert_eq!(
+            verifier.check(&hmac_frame(b"other", b"x")),
+            Err(Rejection::DigestMismatch)
+        );
+        let plain = sha256_frame(Channel(3), Bytes::from_static(b"x"));
+        assert_eq!(verifier.check(&plain), Err(Rejection::HmacRequired));
+        let keyless = Verifier::new(None, false);
+        assert_eq!(
+            keyless.check(&hmac_frame(b"secret", b"x")),
+            Err(Rejection::DigestMismatch)
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let verifier = Verifier::new(Some(b"topsecretkey"), false);
+        assert!(!format!("{verifier:?}").contains("topsecret"));
+    }
+
+    #[tokio::test]
+    async fn pipeline_returns_batches_in_submission_order() {
+        let pool = VerifyPool::new(Verifier::new(None, false), 2).expect("pool");
+        let mut pipeline = OrderedPipeline::new(pool, Arc::from("test/src"), 64);
+        // Big batches first so later, smaller ones finish earlier on the pool.
+        let sizes: Vec<usize> = (0..32)
+            .map(|i| if i % 2 == 0 { 200_000 } else { 1 })
+            .collect();
+        for (index, size) in sizes.iter().enumerate() {
+            let frame = sha256_frame(Channel(index as u32), Bytes::from(vec![index as u8; *size]));
+            pipeline.submit(FrameBatch {
+                frames: vec![frame],
+                received_unix_nanos: 1,
+            });
+        }
+        for index in 0..sizes.len() {
+            let batch = pipeline.next().await.expect("result");
+            assert_eq!(batch.accepted.len(), 1);
+            assert_eq!(batch.accepted.channel(0), Channel(index as u32));
+        }
+        assert!(pipeline.next().await.is_none());
+    }
+}
