@@ -31,7 +31,7 @@ const RESPONSE_MISSED_TAG: u8 = 2 << 3; // SubscribeResponse.missed
 
 pub fn varint_len(value: u64) -> usize {
     // Each byte carries 7 bits; zero still takes one byte.
-    ((64 - (value | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 pub fn put_varint(dst: &mut impl BufMut, mut value: u64) {
