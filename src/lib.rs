@@ -20,6 +20,7 @@
 //! - [`grpc`]: the `Packets` service (Subscribe, Publish).
 //! - [`error`]: client-visible errors and their gRPC status codes.
 //! - [`metrics`] and [`http`]: Prometheus metrics and the `/metrics` port.
+//! - [`limits`]: tower middleware of our own (unary deadline).
 //! - [`server`]: assembly, health, reflection, tower limits, graceful shutdown.
 //! - [`tools`]: the `send`, `tail` and `health` subcommands.
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod tools;

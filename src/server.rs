@@ -22,6 +22,7 @@ use crate::{
     grpc::{PacketsServer, PacketsService},
     hub::{Hub, HubConfig},
     ingest::{self, IngestContext},
+    limits::UnaryTimeoutLayer,
     metrics::Metrics,
     verify::{Verifier, VerifyPool},
 };
@@ -160,16 +161,15 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let limits = ServiceBuilder::new()
         .option_layer(args.load_shed.then(tower::load_shed::LoadShedLayer::new))
         // Both arms of the optional shed layer must agree on the error type.
-        .map_err(|never: std::convert::Infallible| -> tower::BoxError { match never {} })
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             args.concurrency_limit as usize,
         ))
+        .layer(UnaryTimeoutLayer::new(args.request_timeout))
         .into_inner();
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(args.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(args.http2_keepalive_timeout))
-        .timeout(args.request_timeout)
         .layer(limits)
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
