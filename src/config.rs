@@ -95,6 +95,18 @@ pub struct ServeArgs {
     /// Drop packets whose digest is plain SHA-256 (needs --hmac-key-file).
     #[arg(long, env = "PACKET_INGEST_REQUIRE_HMAC")]
     pub require_hmac: bool,
+    /// File of bearer tokens, one per line; then every RPC but health needs one.
+    #[arg(long, env = "PACKET_INGEST_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain: TLS on the gRPC and the ingest port.
+    #[arg(long, env = "PACKET_INGEST_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "PACKET_INGEST_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients on both ports must present a certificate it signed.
+    #[arg(long, env = "PACKET_INGEST_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Time from SIGTERM to exit: ingest drains, then streams end UNAVAILABLE.
     #[arg(long, env = "PACKET_INGEST_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -140,6 +152,19 @@ pub enum ConfigError {
     EmptyHmacKey(PathBuf),
     #[error("--require-hmac needs --hmac-key-file")]
     RequireHmacWithoutKey,
+    #[error("{flag} {path}: {problem}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("{0}")]
+    TlsIncomplete(&'static str),
+    #[error("cannot read --auth-token-file {path}: {source}")]
+    AuthTokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Reads the HMAC key: the file's bytes with one trailing newline removed.

@@ -42,7 +42,12 @@ pub struct IngestContext {
     pub limits: FrameLimits,
     /// Verification batches one connection may have in flight.
     pub max_in_flight: usize,
+    /// Set when the port speaks TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// A TLS client that has not finished its handshake by then is dropped.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Accepts producers until `stop_accepting` fires. Connections run in `tracker`
 /// and stop reading when `stop_reading` fires (the shutdown grace deadline).
@@ -85,7 +90,20 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let _permit = permit;
-                handle_connection(stream, peer, &context, stop_reading).await;
+                let Some(tls) = context.tls.clone() else {
+                    return handle_connection(stream, peer, &context, stop_reading).await;
+                };
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => handle_connection(stream, peer, &context, stop_reading).await,
+                    Ok(Err(error)) => {
+                        context.metrics.protocol_errors.add("tls_handshake", 1, 0);
+                        tracing::info!(%error, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        context.metrics.protocol_errors.add("tls_handshake", 1, 0);
+                        tracing::info!("TLS handshake timed out");
+                    }
+                }
             }
             .instrument(span),
         );

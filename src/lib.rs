@@ -20,11 +20,13 @@
 //! - [`grpc`]: the `Packets` service (Subscribe, Publish).
 //! - [`error`]: client-visible errors and their gRPC status codes.
 //! - [`metrics`] and [`http`]: Prometheus metrics and the `/metrics` port.
+//! - [`tls`] and [`auth`]: TLS on both ports, bearer tokens (a tower layer).
 //! - [`limits`]: tower middleware of our own (unary deadline).
 //! - [`server`]: assembly, health, reflection, tower limits, graceful shutdown.
 //! - [`tools`]: the `send`, `tail` and `health` subcommands.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod frame;
@@ -35,6 +37,7 @@ pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 pub mod tools;
 pub mod verify;
 pub mod wire;

@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceBuilder;
 
 use crate::{
+    auth::{AuthLayer, TokenStore},
     config::{load_hmac_key, ConfigError, ServeArgs},
     frame::FrameLimits,
     grpc::{PacketsServer, PacketsService},
@@ -24,6 +25,7 @@ use crate::{
     ingest::{self, IngestContext},
     limits::UnaryTimeoutLayer,
     metrics::Metrics,
+    tls,
     verify::{Verifier, VerifyPool},
 };
 
@@ -46,6 +48,8 @@ pub enum StartError {
     Pool(#[from] rayon::ThreadPoolBuildError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up TLS on the gRPC port: {0}")]
+    GrpcTls(#[from] tonic::transport::Error),
 }
 
 /// A started server: the addresses it bound and the handle to stop it.
@@ -92,6 +96,17 @@ fn local_addr(
 /// Binds every listener and starts serving. Returns once all ports are bound.
 pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let hmac_key = load_hmac_key(&args)?;
+    let tls = tls::load(&args)?;
+    let tokens =
+        match &args.auth_token_file {
+            Some(path) => Some(TokenStore::load(path.clone()).map_err(|source| {
+                ConfigError::AuthTokenFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let metrics = Metrics::new();
     let hub = Hub::new(
         HubConfig {
@@ -128,6 +143,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
             hmac_key_configured: hmac_key.is_some(),
         },
         max_in_flight,
+        tls: tls.as_ref().map(|tls| tls.ingest.clone()),
     };
     let ingest_task = tokio::spawn(ingest::serve(
         ingest_listener,
@@ -159,6 +175,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     // Room for a maximum-size packet plus the message's other fields.
     let max_message = args.max_payload as usize + 64 * 1024;
     let limits = ServiceBuilder::new()
+        .layer(AuthLayer::new(tokens.clone()))
         .option_layer(args.load_shed.then(tower::load_shed::LoadShedLayer::new))
         // Both arms of the optional shed layer must agree on the error type.
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
@@ -166,7 +183,11 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         ))
         .layer(UnaryTimeoutLayer::new(args.request_timeout))
         .into_inner();
-    let grpc_server = tonic::transport::Server::builder()
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_builder = grpc_builder.tls_config(tls.grpc.clone())?;
+    }
+    let grpc_server = grpc_builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(args.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(args.http2_keepalive_timeout))
@@ -195,7 +216,18 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         stop_grpc.clone(),
     ));
 
-    tracing::info!(%grpc_addr, %ingest_addr, %metrics_addr, "packet-ingest listening");
+    if let Some(tokens) = tokens {
+        tokio::spawn(tokens.watch(stop_grpc.clone()));
+    }
+    tracing::info!(
+        %grpc_addr,
+        %ingest_addr,
+        %metrics_addr,
+        tls = tls.is_some(),
+        auth = args.auth_token_file.is_some(),
+        hmac = hmac_key.is_some(),
+        "packet-ingest listening"
+    );
 
     let lifecycle = tokio::spawn(lifecycle(Lifecycle {
         shutdown: shutdown.clone(),

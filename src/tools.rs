@@ -42,6 +42,8 @@ pub struct SendArgs {
     /// Sign packets with HMAC-SHA256 using this key file (one trailing newline removed).
     #[arg(long)]
     pub hmac_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// Input file; stdin when absent.
     pub file: Option<PathBuf>,
 }
@@ -70,6 +72,11 @@ pub struct TailArgs {
     /// Exit after this many packets.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Bearer token for a server started with --auth-token-file.
+    #[arg(long, env = "PACKET_INGEST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -80,9 +87,86 @@ pub struct HealthArgs {
     /// Service name to check; "" is the whole server.
     #[arg(long, default_value = "")]
     pub service: String,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
 }
 
 pub type ToolError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a tool reaches a server that may use TLS.
+#[derive(Clone, Debug, Default, Args)]
+pub struct TlsClientArgs {
+    /// PEM CA that signed the server's certificate; turns TLS on.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// Name to verify in the server's certificate (default: the host of --addr).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// Opens a gRPC channel to `addr` (`host:port` or a URL), with TLS if asked.
+pub async fn grpc_channel(
+    addr: &str,
+    tls: &TlsClientArgs,
+) -> Result<tonic::transport::Channel, ToolError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let url = match (addr.contains("://"), tls.ca_cert.is_some()) {
+        (true, true) => addr.replacen("http://", "https://", 1),
+        (true, false) => addr.to_owned(),
+        (false, true) => format!("https://{addr}"),
+        (false, false) => format!("http://{addr}"),
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url)?.connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(ca) = &tls.ca_cert {
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        if let Some(name) = &tls.server_name {
+            config = config.domain_name(name.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+            config = config.identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(config)?;
+    }
+    Ok(endpoint.connect().await?)
+}
+
+/// Adds `authorization: Bearer <token>` to every request when a token is set.
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<Self, ToolError> {
+        let value = match token {
+            Some(token) => Some(format!("Bearer {token}").parse()?),
+            None => None,
+        };
+        Ok(BearerToken(value))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Builds the frame for `payload`, HMAC-signed when a key is given.
 pub fn make_frame(channel: Channel, payload: Bytes, hmac_key: Option<&[u8]>) -> Frame {
@@ -148,9 +232,21 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
     for payload in &payloads {
         make_frame(Channel(args.channel), payload.clone(), key.as_deref()).encode(&mut wire);
     }
-    let mut stream = tokio::net::TcpStream::connect(args.addr).await?;
-    stream.write_all(&wire).await?;
-    stream.shutdown().await?;
+    let stream = tokio::net::TcpStream::connect(args.addr).await?;
+    match &args.tls.ca_cert {
+        None => write_and_close(stream, &wire).await?,
+        Some(_) => {
+            let server_name = args
+                .tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| args.addr.ip().to_string());
+            let stream = tls_connector(&args.tls)?
+                .connect(rustls_pki_types::ServerName::try_from(server_name)?, stream)
+                .await?;
+            write_and_close(stream, &wire).await?;
+        }
+    }
     eprintln!(
         "sent {} packets ({} bytes) to {}",
         payloads.len(),
@@ -160,17 +256,46 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
     Ok(())
 }
 
-fn endpoint(addr: &str) -> String {
-    match addr.contains("://") {
-        true => addr.to_owned(),
-        false => format!("http://{addr}"),
+async fn write_and_close<S: tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.shutdown().await
+}
+
+/// A rustls client for the ingest port, trusting `--ca-cert`.
+pub fn tls_connector(tls: &TlsClientArgs) -> Result<tokio_rustls::TlsConnector, ToolError> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &tls.ca_cert {
+        for cert in CertificateDer::pem_file_iter(ca)? {
+            roots.add(cert?)?;
+        }
     }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key)?)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
 pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
-    let mut client = PacketsClient::connect(endpoint(&args.addr))
-        .await?
-        .max_decoding_message_size(usize::MAX);
+    let channel = grpc_channel(&args.addr, &args.tls).await?;
+    let mut client =
+        PacketsClient::with_interceptor(channel, BearerToken::new(args.token.as_deref())?)
+            .max_decoding_message_size(usize::MAX);
     let mut stream = client
         .subscribe(SubscribeRequest {
             channels: args.channels.clone(),
@@ -243,14 +368,14 @@ fn write_hexdump(out: &mut impl Write, packet: &Packet) -> std::io::Result<()> {
 
 pub async fn health(args: HealthArgs) -> Result<bool, ToolError> {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let channel = tonic::transport::Endpoint::from_shared(endpoint(&args.addr))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(3))
-        .connect()
-        .await?;
+    let channel = grpc_channel(&args.addr, &args.tls).await?;
     let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: args.service,
+        .check({
+            let mut request = tonic::Request::new(HealthCheckRequest {
+                service: args.service,
+            });
+            request.set_timeout(std::time::Duration::from_secs(5));
+            request
         })
         .await?
         .into_inner();

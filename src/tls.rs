@@ -1,0 +1,109 @@
+//! TLS for both ports: loads `--tls-cert` / `--tls-key` (and `--tls-client-ca`
+//! for mutual TLS) once at start, checks they belong together, and hands out
+//! the rustls config for the ingest port and tonic's config for the gRPC port.
+//! Any problem is a configuration error that names the file.
+
+use std::{path::Path, sync::Arc};
+
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, server::WebPkiClientVerifier, RootCertStore, ServerConfig};
+
+use crate::config::{ConfigError, ServeArgs};
+
+/// What both listeners need to speak TLS.
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub ingest: tokio_rustls::TlsAcceptor,
+    pub grpc: tonic::transport::ServerTlsConfig,
+}
+
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::TlsFile {
+        flag,
+        path: path.to_owned(),
+        problem: source.to_string(),
+    })
+}
+
+fn invalid(flag: &'static str, path: &Path, problem: impl ToString) -> ConfigError {
+    ConfigError::TlsFile {
+        flag,
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+fn certificates(
+    flag: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| invalid(flag, path, error))?;
+    if certs.is_empty() {
+        return Err(invalid(flag, path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Loads and checks the TLS files, if TLS is configured.
+pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
+    let (cert_path, key_path) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => {
+            return match &args.tls_client_ca {
+                Some(_) => Err(ConfigError::TlsIncomplete(
+                    "--tls-client-ca needs --tls-cert and --tls-key",
+                )),
+                None => Ok(None),
+            }
+        }
+        (Some(cert), Some(key)) => (cert, key),
+        _ => {
+            return Err(ConfigError::TlsIncomplete(
+                "--tls-cert and --tls-key go together",
+            ))
+        }
+    };
+    let cert_pem = read("--tls-cert", cert_path)?;
+    let key_pem = read("--tls-key", key_path)?;
+    let chain = certificates("--tls-cert", cert_path, &cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|error| invalid("--tls-key", key_path, error))?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| invalid("--tls-cert", cert_path, error))?;
+    let mut grpc = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
+    let builder = match &args.tls_client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca_path) => {
+            let ca_pem = read("--tls-client-ca", ca_path)?;
+            let mut roots = RootCertStore::empty();
+            for cert in certificates("--tls-client-ca", ca_path, &ca_pem)? {
+                roots
+                    .add(cert)
+                    .map_err(|error| invalid("--tls-client-ca", ca_path, error))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|error| invalid("--tls-client-ca", ca_path, error))?;
+            grpc = grpc.client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem));
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    // rustls checks that the key matches the certificate's public key here.
+    let config = builder.with_single_cert(chain, key).map_err(|error| {
+        invalid(
+            "--tls-key",
+            key_path,
+            format!("does not fit --tls-cert {}: {error}", cert_path.display()),
+        )
+    })?;
+    Ok(Some(TlsSetup {
+        ingest: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        grpc,
+    }))
+}
