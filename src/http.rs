@@ -1,15 +1,26 @@
-//! The plain-HTTP side port: `GET /metrics` (Prometheus text) and `GET /healthz`.
+//! The plain-HTTP side port: `GET /metrics` (Prometheus text) and `GET /healthz`
+//! (200 while serving, 503 once shutdown has begun, for HTTP probes).
 
 use std::sync::Arc;
 
-use axum::{http::header, response::IntoResponse, routing::get, Router};
+use axum::{
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Serves until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Serves until `shutdown` fires; `/healthz` fails from when `draining` fires.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    draining: CancellationToken,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -27,7 +38,18 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route(
+            "/healthz",
+            get(move || {
+                let draining = draining.clone();
+                async move {
+                    match draining.is_cancelled() {
+                        false => (StatusCode::OK, "ok\n"),
+                        true => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+                    }
+                }
+            }),
+        );
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

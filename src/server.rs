@@ -213,6 +213,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let metrics_task = tokio::spawn(crate::http::serve(
         metrics_listener,
         Arc::clone(&metrics),
+        shutdown.clone(),
         stop_grpc.clone(),
     ));
 

@@ -1,0 +1,239 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "packet-ingest.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: release-chart, or just the release name when it
+already contains the chart name.
+*/}}
+{{- define "packet-ingest.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "packet-ingest.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "packet-ingest.labels" -}}
+helm.sh/chart: {{ include "packet-ingest.chart" . }}
+{{ include "packet-ingest.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: packet-ingest
+{{- end }}
+
+{{- define "packet-ingest.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "packet-ingest.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "packet-ingest.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "packet-ingest.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "packet-ingest.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+host:port for a listen address; IPv6 hosts get brackets.
+Usage: include "packet-ingest.addr" (list .Values.listenHost .Values.containerPorts.grpc)
+*/}}
+{{- define "packet-ingest.addr" -}}
+{{- $host := index . 0 | toString }}
+{{- $port := index . 1 | int }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%d" $host $port }}
+{{- else }}
+{{- printf "%s:%d" $host $port }}
+{{- end }}
+{{- end }}
+
+{{/*
+Milliseconds in a duration such as "10s", "500ms" or "1m30s" (units ms, s,
+m, h; the humantime subset values.schema.json allows). Fails on anything
+else, so a bad value is caught even with --skip-schema-validation.
+Usage: include "packet-ingest.durationMillis" (list "config.shutdownGrace" .Values.config.shutdownGrace)
+*/}}
+{{- define "packet-ingest.durationMillis" -}}
+{{- $what := index . 0 }}
+{{- $d := index . 1 | toString | trim }}
+{{- if not (regexMatch "^([0-9]+(ms|s|m|h))+$" $d) }}
+{{- fail (printf "%s: %q is not a duration like \"10s\", \"500ms\" or \"1m30s\"" $what $d) }}
+{{- end }}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" $d -1 }}
+{{- $n := regexFind "^[0-9]+" . | atoi }}
+{{- $unit := regexReplaceAll "^[0-9]+" . "" }}
+{{- if eq $unit "ms" }}{{ $ms = add $ms $n }}
+{{- else if eq $unit "s" }}{{ $ms = add $ms (mul $n 1000) }}
+{{- else if eq $unit "m" }}{{ $ms = add $ms (mul $n 60000) }}
+{{- else if eq $unit "h" }}{{ $ms = add $ms (mul $n 3600000) }}
+{{- end }}
+{{- end }}
+{{- $ms }}
+{{- end }}
+
+{{/*
+Whole seconds the pod needs before SIGKILL: preStop sleep + shutdownGrace,
+rounded up.
+*/}}
+{{- define "packet-ingest.drainSeconds" -}}
+{{- $ms := include "packet-ingest.durationMillis" (list "config.shutdownGrace" .Values.config.shutdownGrace) | int }}
+{{- add (.Values.preStopSleepSeconds | int) (div (add $ms 999) 1000) }}
+{{- end }}
+
+{{- define "packet-ingest.terminationGracePeriodSeconds" -}}
+{{- $drain := include "packet-ingest.drainSeconds" . | int }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain (.Values.terminationGraceExtraSeconds | int) }}
+{{- else }}
+{{- $set := .Values.terminationGracePeriodSeconds | int }}
+{{- if le $set $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + config.shutdownGrace (%ds), or the pod is killed before it has drained" $set $drain) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes in a Kubernetes memory quantity (plain, k/M/G/T, Ki/Mi/Gi/Ti);
+empty when the format is not one of those (the check is then skipped).
+*/}}
+{{- define "packet-ingest.quantityBytes" -}}
+{{- $q := . | toString | trim }}
+{{- $m := regexFind "^[0-9]+" $q }}
+{{- $suffix := trimPrefix $m $q }}
+{{- $mult := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- if and $m (hasKey $mult $suffix) }}
+{{- mul ($m | int64) (get $mult $suffix) }}
+{{- end }}
+{{- end }}
+
+{{/* The chart-managed Secret: fullname. */}}
+{{- define "packet-ingest.secretName" -}}
+{{- include "packet-ingest.fullname" . }}
+{{- end }}
+
+{{/* "true" when the chart must create its own Secret. */}}
+{{- define "packet-ingest.createSecret" -}}
+{{- $v := .Values }}
+{{- if or (and $v.auth.enabled (not $v.auth.existingSecret)) (and $v.hmac.enabled (not $v.hmac.existingSecret)) (and $v.tls.enabled (not $v.tls.existingSecret)) (and $v.tls.enabled $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret)) }}true{{ end }}
+{{- end }}
+
+{{- define "packet-ingest.clusterNatsEnabled" -}}
+{{- if or .Values.clusterNats.url .Values.clusterNats.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* Directory where secret files are mounted. */}}
+{{- define "packet-ingest.secretsDir" -}}/etc/packet-ingest{{- end }}
+
+{{/* "grpc" or "http": how the kubelet probes the pod. */}}
+{{- define "packet-ingest.probeMode" -}}
+{{- if eq .Values.probes.mode "auto" }}
+{{- ternary "http" "grpc" .Values.tls.enabled }}
+{{- else }}
+{{- .Values.probes.mode }}
+{{- end }}
+{{- end }}
+
+{{/*
+One probe. Usage: include "packet-ingest.probe" (list $ .Values.probes.readiness "packetingest.v1.Packets")
+*/}}
+{{- define "packet-ingest.probe" -}}
+{{- $root := index . 0 }}
+{{- $p := index . 1 }}
+{{- $service := index . 2 }}
+{{- if eq (include "packet-ingest.probeMode" $root) "grpc" }}
+grpc:
+  port: {{ $root.Values.containerPorts.grpc }}
+  {{- if $service }}
+  service: {{ $service }}
+  {{- end }}
+{{- else }}
+httpGet:
+  path: /healthz
+  port: metrics
+{{- end }}
+initialDelaySeconds: {{ $p.initialDelaySeconds }}
+periodSeconds: {{ $p.periodSeconds }}
+timeoutSeconds: {{ $p.timeoutSeconds }}
+failureThreshold: {{ $p.failureThreshold }}
+{{- if hasKey $p "successThreshold" }}
+successThreshold: {{ $p.successThreshold }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
+*/}}
+{{- define "packet-ingest.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.auth.enabled (not $v.auth.existingSecret) (not $v.auth.tokens) }}
+{{- fail "auth.enabled needs auth.tokens or auth.existingSecret" }}
+{{- end }}
+{{- if and $v.hmac.enabled (not $v.hmac.existingSecret) (not $v.hmac.key) }}
+{{- fail "hmac.enabled needs hmac.key or hmac.existingSecret" }}
+{{- end }}
+{{- if and $v.hmac.required (not $v.hmac.enabled) }}
+{{- fail "hmac.required needs hmac.enabled (a key to check HMAC frames with)" }}
+{{- end }}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) (not (and $v.tls.cert $v.tls.key)) }}
+{{- fail "tls.enabled needs tls.cert and tls.key, or tls.existingSecret" }}
+{{- end }}
+{{- if and $v.tls.enabled (eq $v.probes.mode "grpc") }}
+{{- fail "probes.mode grpc cannot be used with tls.enabled: the kubelet's gRPC probe speaks plaintext only (use auto or http)" }}
+{{- end }}
+{{- if and $v.tls.clientCA.enabled (not $v.tls.enabled) }}
+{{- fail "tls.clientCA.enabled needs tls.enabled" }}
+{{- end }}
+{{- if and $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret) (not $v.tls.clientCA.cert) }}
+{{- fail "tls.clientCA.enabled needs tls.clientCA.cert or tls.clientCA.existingSecret" }}
+{{- end }}
+{{- if and (or $v.autoscaling.enabled (gt ($v.replicaCount | int) 1)) (not (include "packet-ingest.clusterNatsEnabled" .)) }}
+{{- fail "more than one replica (replicaCount > 1 or autoscaling.enabled) needs clusterNats.url or clusterNats.existingSecret: without it each replica is a separate hub and a subscriber sees only the packets ingested by its own replica" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt ($v.autoscaling.minReplicas | int) ($v.autoscaling.maxReplicas | int)) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (not $v.autoscaling.targetCPUUtilizationPercentage) (not $v.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
+{{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
+{{- end }}
+{{- if and (gt ($v.preStopSleepSeconds | int) 0) (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail "preStopSleepSeconds needs Kubernetes >= 1.30 (the preStop sleep action)" }}
+{{- end }}
+{{- range $k := list "blockTimeout" "heartbeat" "requestTimeout" "http2KeepaliveInterval" "http2KeepaliveTimeout" }}
+{{- $_ := include "packet-ingest.durationMillis" (list (printf "config.%s" $k) (get $v.config $k)) }}
+{{- end }}
+{{- $_ := include "packet-ingest.terminationGracePeriodSeconds" . }}
+{{- $limit := "" }}
+{{- if and $v.resources $v.resources.limits $v.resources.limits.memory }}
+{{- $limit = include "packet-ingest.quantityBytes" $v.resources.limits.memory }}
+{{- end }}
+{{- if and $limit (ge ($v.config.memoryLimit | int64) ($limit | int64)) }}
+{{- fail (printf "config.memoryLimit (%d bytes) must be below resources.limits.memory (%s = %s bytes): the service needs room beyond the packets it holds, or the kernel kills it instead of it shedding load" ($v.config.memoryLimit | int64) (toString $v.resources.limits.memory) $limit) }}
+{{- end }}
+{{- end }}
