@@ -17,6 +17,8 @@ pub enum ServiceError {
     TooManySubscribers { limit: usize },
     #[error("payload of {length} bytes is over the limit of {max} bytes (--max-payload); packets before it were accepted")]
     PayloadTooLong { length: usize, max: u32 },
+    #[error("request message is over the size limit (payload at most {max} bytes, --max-payload); packets before it were accepted")]
+    MessageTooLarge { max: u32 },
     #[error("packet is HMAC-flagged but this server has no HMAC key (--hmac-key-file); packets before it were accepted")]
     HmacNotConfigured,
     #[error("the server is shutting down; reconnect to another replica or retry")]
@@ -35,7 +37,9 @@ impl From<ServiceError> for Status {
                 SubscriptionEnd::Lagged { .. } | SubscriptionEnd::Stuck(_),
             ) => Code::ResourceExhausted,
             ServiceError::TooManySubscribers { .. } => Code::ResourceExhausted,
-            ServiceError::PayloadTooLong { .. } => Code::InvalidArgument,
+            ServiceError::PayloadTooLong { .. } | ServiceError::MessageTooLarge { .. } => {
+                Code::InvalidArgument
+            }
             ServiceError::HmacNotConfigured => Code::FailedPrecondition,
             ServiceError::ShuttingDown | ServiceError::GraceExpired(_) => Code::Unavailable,
         };

@@ -120,7 +120,8 @@ impl Packets for PacketsService {
             OrderedPipeline::new(self.pool.clone(), Arc::from(source), self.max_in_flight);
         let mut response = PublishResponse::default();
         let mut input_done = false;
-        let mut refusal: Option<ServiceError> = None;
+        // The first problem ends the upload; packets before it still go through.
+        let mut refusal: Option<Status> = None;
         loop {
             tokio::select! {
                 Some(verified) = pipeline.next(), if !pipeline.is_idle() => {
@@ -133,20 +134,23 @@ impl Packets for PacketsService {
                     }
                 }
                 first = requests.message(), if !input_done && pipeline.has_room() => {
-                    let first = match first {
-                        Ok(Some(first)) => first,
-                        Ok(None) => { input_done = true; continue; }
-                        Err(status) => return Err(status),
-                    };
                     let mut batch = FrameBatch { frames: Vec::new(), received_unix_nanos: unix_nanos_now() };
                     let mut next = Some(first);
-                    while let Some(request) = next.take() {
-                        match self.frame_from(request) {
-                            Ok(frame) => batch.frames.push(frame),
-                            Err(error) => { refusal = Some(error); input_done = true; break; }
+                    // Take whatever else is already buffered, without waiting.
+                    while let Some(message) = next.take() {
+                        match message {
+                            Ok(Some(request)) => match self.frame_from(request) {
+                                Ok(frame) => batch.frames.push(frame),
+                                Err(error) => refusal = Some(error.into()),
+                            },
+                            Ok(None) => input_done = true,
+                            Err(status) => refusal = Some(upload_error(status, self.max_payload)),
                         }
-                        if batch.frames.len() < PUBLISH_BATCH {
-                            next = requests.message().now_or_never().and_then(|r| r.ok().flatten());
+                        if refusal.is_some() {
+                            input_done = true;
+                        }
+                        if !input_done && batch.frames.len() < PUBLISH_BATCH {
+                            next = requests.message().now_or_never();
                         }
                     }
                     pipeline.submit(batch);
@@ -155,9 +159,19 @@ impl Packets for PacketsService {
             }
         }
         match refusal {
-            Some(error) => Err(error.into()),
+            Some(status) => Err(status),
             None => Ok(Response::new(response)),
         }
+    }
+}
+
+/// A request stream error. tonic refuses a message over its decode limit with
+/// OUT_OF_RANGE, which this API reserves for `from_sequence`; it is an
+/// oversized payload, so say so.
+fn upload_error(status: Status, max_payload: u32) -> Status {
+    match status.code() {
+        tonic::Code::OutOfRange => ServiceError::MessageTooLarge { max: max_payload }.into(),
+        _ => status,
     }
 }
 

@@ -14,7 +14,7 @@
 //! `--block-timeout`.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     ops::Range,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -111,6 +111,9 @@ struct Ring {
     retained_bytes: usize,
     slots: Vec<Arc<Slot>>,
     closed: bool,
+    /// Packets dropped off the ring so far, per channel: lets a filtered
+    /// subscriber that lagged learn exactly how many of *its* packets it lost.
+    evicted_by_channel: HashMap<u32, u64>,
 }
 
 impl Ring {
@@ -127,6 +130,31 @@ impl Ring {
             .filter(|slot| !slot.kicked.load(Ordering::Relaxed))
             .map(|slot| slot.cursor.load(Ordering::Acquire))
             .min()
+    }
+
+    fn evicted_matching(&self, filter: &ChannelFilter) -> u64 {
+        filter.channels().map_or(0, |channels| {
+            channels
+                .iter()
+                .filter_map(|c| self.evicted_by_channel.get(c))
+                .sum()
+        })
+    }
+
+    /// Packets matching `filter` still in the ring with a sequence below `cursor`.
+    fn retained_matching_before(&self, filter: &ChannelFilter, cursor: u64) -> u64 {
+        let mut count = 0;
+        for stored in self
+            .batches
+            .iter()
+            .take_while(|stored| stored.batch.first_sequence < cursor)
+        {
+            let end = (cursor - stored.batch.first_sequence).min(stored.batch.packets.len() as u64);
+            count += (0..end as usize)
+                .filter(|index| filter.matches(stored.batch.packets.channel(*index)))
+                .count() as u64;
+        }
+        count
     }
 
     /// Bytes of batches that still hold packets at or after `cursor`.
@@ -161,6 +189,7 @@ impl Hub {
                 retained_bytes: 0,
                 slots: Vec::new(),
                 closed: false,
+                evicted_by_channel: HashMap::new(),
             }),
             head: watch::Sender::new(1),
             progress: Notify::new(),
@@ -294,7 +323,9 @@ impl Hub {
             }
             ring.retained_bytes -= front.bytes;
             ring.retained_packets -= front_len;
-            ring.batches.pop_front();
+            if let Some(evicted) = ring.batches.pop_front() {
+                count_by_channel(&evicted.batch.packets, &mut ring.evicted_by_channel);
+            }
         }
         self.metrics
             .hub_retained_bytes
@@ -330,6 +361,14 @@ impl Hub {
                 }
             }
         };
+        // A filtered subscriber counts its channels' packets below its cursor,
+        // so a later lag can be reported exactly (see `take`).
+        let matched_before_cursor = match filter.channels() {
+            None => 0,
+            Some(_) => {
+                ring.evicted_matching(&filter) + ring.retained_matching_before(&filter, cursor)
+            }
+        };
         let slot = Arc::new(Slot {
             cursor: AtomicU64::new(cursor),
             kicked: AtomicBool::new(false),
@@ -345,6 +384,7 @@ impl Hub {
             slot,
             cursor,
             pending_missed: missed,
+            matched_before_cursor,
             filter,
             head: self.head.subscribe(),
         })
@@ -368,6 +408,8 @@ pub struct Subscription {
     slot: Arc<Slot>,
     cursor: u64,
     pending_missed: u64,
+    /// Filtered subscribers: packets of their channels with sequence < cursor.
+    matched_before_cursor: u64,
     filter: ChannelFilter,
     head: watch::Receiver<u64>,
 }
@@ -379,8 +421,11 @@ enum Take {
 }
 
 impl Subscription {
-    /// The next batch for this subscriber, waiting up to `heartbeat` for one.
+    /// The next batch for this subscriber, or `Idle` if none came within
+    /// `heartbeat` (counted from this call, i.e. from the previous response, so
+    /// packets this subscriber filters out do not postpone its heartbeat).
     pub async fn next(&mut self, heartbeat: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + heartbeat;
         loop {
             self.head.borrow_and_update();
             match self.take() {
@@ -388,7 +433,7 @@ impl Subscription {
                 Take::End(end) => return Next::End(end),
                 Take::Empty => {}
             }
-            match tokio::time::timeout(heartbeat, self.head.changed()).await {
+            match tokio::time::timeout_at(deadline, self.head.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Next::End(SubscriptionEnd::ShuttingDown),
                 Err(_) => return Next::Idle,
@@ -414,8 +459,17 @@ impl Subscription {
                             retained: ring.retained_packets,
                         });
                     }
-                    self.pending_missed += oldest - self.cursor;
-                    self.hub.metrics.packets_missed.inc_by(oldest - self.cursor);
+                    let lost = match self.filter.channels() {
+                        None => oldest - self.cursor,
+                        Some(_) => {
+                            let evicted = ring.evicted_matching(&self.filter);
+                            let lost = evicted.saturating_sub(self.matched_before_cursor);
+                            self.matched_before_cursor = evicted;
+                            lost
+                        }
+                    };
+                    self.pending_missed += lost;
+                    self.hub.metrics.packets_missed.inc_by(lost);
                     self.cursor = oldest;
                 }
                 if self.cursor >= ring.next_sequence {
@@ -485,6 +539,7 @@ impl Subscription {
                 break;
             }
         }
+        self.matched_before_cursor += matched;
         if matched == 0 {
             return None;
         }
@@ -506,6 +561,26 @@ impl Drop for Subscription {
         drop(ring);
         self.hub.metrics.subscribers.dec();
         self.hub.progress.notify_waiters();
+    }
+}
+
+/// Adds each packet of `packets` to its channel's count (runs of one channel
+/// cost one map update).
+fn count_by_channel(packets: &EncodedPackets, counts: &mut HashMap<u32, u64>) {
+    let mut run: Option<(u32, u64)> = None;
+    for index in 0..packets.len() {
+        let channel = packets.channel(index).0;
+        run = match run {
+            Some((current, length)) if current == channel => Some((current, length + 1)),
+            Some((current, length)) => {
+                *counts.entry(current).or_default() += length;
+                Some((channel, 1))
+            }
+            None => Some((channel, 1)),
+        };
+    }
+    if let Some((channel, length)) = run {
+        *counts.entry(channel).or_default() += length;
     }
 }
 

@@ -186,6 +186,11 @@ impl ChannelFilter {
         ChannelFilter(Some(channels.into()))
     }
 
+    /// The channels, sorted; `None` means every channel.
+    pub fn channels(&self) -> Option<&[u32]> {
+        self.0.as_deref()
+    }
+
     pub fn matches(&self, channel: Channel) -> bool {
         match &self.0 {
             None => true,

@@ -365,3 +365,26 @@ async fn publish_oversized_payload_is_invalid_argument_and_keeps_earlier_packets
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_message_over_the_decode_limit_is_invalid_argument_every_time() {
+    let server = start(&["--max-payload", "1KiB"]).await;
+    for attempt in 0..10u32 {
+        let requests = vec![
+            publish_request(attempt, Bytes::from_static(b"one")),
+            publish_request(attempt, Bytes::from_static(b"two")),
+            publish_request(attempt, Bytes::from(vec![0u8; 300 << 10])),
+        ];
+        let status = client(&server)
+            .await
+            .publish(futures::stream::iter(requests))
+            .await
+            .expect_err("oversized");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("--max-payload"));
+    }
+    assert_eq!(
+        metric(&server, "packet_ingest_accepted_packets_total").await,
+        20.0
+    );
+}

@@ -236,3 +236,47 @@ async fn idle_subscription_gets_a_heartbeat() {
         Next::Idle
     ));
 }
+
+#[tokio::test]
+async fn filtered_subscriber_that_lags_is_told_exactly_how_many_of_its_packets_it_lost() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 10, 1 << 20);
+    let mut only_two = hub
+        .subscribe(ChannelFilter::new(vec![2]), None)
+        .expect("subscribe");
+    // 50 batches of [1, 2, 1, 1]: 50 packets on channel 2, most of them evicted.
+    for _ in 0..50 {
+        hub.publish(batch(&[1, 2, 1, 1], 4)).await;
+    }
+    let delivery = next_delivery(&mut only_two).await;
+    let delivered = sequences(&delivery).len() as u64;
+    assert!(delivery.missed > 0);
+    assert_eq!(
+        delivery.missed + delivered,
+        50,
+        "missed counts channel 2 only"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn filtered_subscriber_gets_heartbeats_while_other_channels_are_busy() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 100, 1 << 20);
+    let mut quiet = hub
+        .subscribe(ChannelFilter::new(vec![999]), None)
+        .expect("subscribe");
+    let busy = {
+        let hub = Arc::clone(&hub);
+        tokio::spawn(async move {
+            loop {
+                hub.publish(batch(&[1], 4)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    assert!(matches!(
+        quiet.next(Duration::from_millis(100)).await,
+        Next::Idle
+    ));
+    assert!(started.elapsed() < Duration::from_millis(150));
+    busy.abort();
+}
