@@ -312,3 +312,55 @@ async fn subscriber_that_disconnects_mid_stream_is_cleaned_up() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scrape_matches_the_traffic_sent() {
+    let server = start(&[]).await;
+    let mut first = subscribe(&server, vec![], None).await;
+    let mut second = subscribe(&server, vec![], None).await;
+    let mut frames = frames(1, 100, 64, 0);
+    for index in [5, 50, 99] {
+        frames[index].digest.0[0] ^= 1;
+    }
+    let frame_bytes = (packet_ingest::frame::HEADER_LEN + 64) as f64;
+    let mut bytes = wire(&frames).to_vec();
+    bytes.extend_from_slice(&wire(&frames[..1])[..20]); // truncated tail
+    send_bytes(&server, &bytes).await;
+    collect(&mut first, 97).await;
+    collect(&mut second, 97).await;
+    eventually("connection closed", || async {
+        metric(&server, "packet_ingest_ingest_connections").await == 0.0
+    })
+    .await;
+    let text = scrape(&server).await;
+    let expect = |name: &str, value: f64| {
+        assert_eq!(metric_in(&text, name), value, "{name}");
+    };
+    expect("packet_ingest_received_packets_total", 100.0);
+    expect("packet_ingest_received_bytes_total", 100.0 * frame_bytes);
+    expect("packet_ingest_accepted_packets_total", 97.0);
+    expect("packet_ingest_accepted_bytes_total", 97.0 * frame_bytes);
+    expect(
+        "packet_ingest_rejected_packets_total{reason=\"digest_mismatch\"}",
+        3.0,
+    );
+    expect(
+        "packet_ingest_rejected_bytes_total{reason=\"digest_mismatch\"}",
+        3.0 * frame_bytes,
+    );
+    expect(
+        "packet_ingest_protocol_errors_packets_total{reason=\"truncated\"}",
+        1.0,
+    );
+    expect(
+        "packet_ingest_protocol_errors_bytes_total{reason=\"truncated\"}",
+        20.0,
+    );
+    expect("packet_ingest_ingest_connections_accepted_total", 1.0);
+    expect("packet_ingest_subscribers", 2.0);
+    expect("packet_ingest_delivered_packets_total", 194.0);
+    expect("packet_ingest_missed_packets_total", 0.0);
+    expect("packet_ingest_hub_retained_packets", 97.0);
+    assert!(metric_in(&text, "packet_ingest_verify_batch_seconds_count") >= 1.0);
+    assert!(text.contains("packet_ingest_build_info{version=\""));
+}
