@@ -6,7 +6,7 @@
 //! are refused before any payload memory is reserved, and it hands payloads out
 //! as zero-copy `Bytes` split off the read buffer.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 
 /// Size of the fixed frame header.
@@ -211,16 +211,17 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.pending_frame_len = None;
-        let mut frame = buf.split_to(frame_len);
-        let head = frame.split_to(HEADER_LEN);
         let mut signed_header = [0u8; SIGNED_HEADER_LEN];
-        signed_header.copy_from_slice(&head[..SIGNED_HEADER_LEN]);
+        signed_header.copy_from_slice(&buf[..SIGNED_HEADER_LEN]);
         let mut digest = [0u8; 32];
-        digest.copy_from_slice(&head[SIGNED_HEADER_LEN..HEADER_LEN]);
+        digest.copy_from_slice(&buf[SIGNED_HEADER_LEN..HEADER_LEN]);
+        // Copy the 44 header bytes, then split off only the payload: one
+        // shared-buffer handle per frame instead of two.
+        buf.advance(HEADER_LEN);
         Ok(Some(Frame {
             signed_header,
             digest: Digest(digest),
-            payload: frame.freeze(),
+            payload: buf.split_to(frame_len - HEADER_LEN).freeze(),
         }))
     }
 
