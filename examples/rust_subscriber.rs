@@ -28,6 +28,7 @@ use clap::Parser;
 use packet_ingest::{
     frame::{sha256_frame, Channel},
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
+    tools::packet_json,
 };
 use tonic::{metadata::MetadataValue, Code, Request};
 
@@ -61,22 +62,6 @@ struct Args {
     /// Bearer token file (first non-empty, non-comment line), for --auth-token-file servers.
     #[arg(long)]
     token_file: Option<PathBuf>,
-}
-
-fn packet_json(packet: &Packet) -> serde_json::Value {
-    let mut line = serde_json::json!({
-        "sequence": packet.sequence,
-        "channel": packet.channel,
-        "source": packet.source,
-        "source_sequence": packet.source_sequence,
-        "received_unix_nanos": packet.received_unix_nanos,
-        "digest": hex::encode(&packet.digest),
-    });
-    match std::str::from_utf8(&packet.payload) {
-        Ok(text) => line["payload"] = text.into(),
-        Err(_) => line["payload_hex"] = hex::encode(&packet.payload).into(),
-    }
-    line
 }
 
 fn digest_ok(packet: &Packet) -> bool {

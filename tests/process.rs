@@ -22,16 +22,8 @@ struct Process {
 impl Process {
     async fn spawn(extra: &[&str]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_packet-ingest"))
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--ingest-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
+            .args(LOOPBACK_ADDRS)
+            .args(["--log-format", "json"])
             .args(extra)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -181,14 +173,7 @@ async fn bad_configuration_exits_64_with_one_line() {
         vec!["--hmac-key-file", "/nonexistent/key"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_packet-ingest"))
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--ingest-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+            .args(LOOPBACK_ADDRS)
             .args(&args)
             .output()
             .await

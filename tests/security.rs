@@ -193,14 +193,7 @@ async fn mutual_tls_requires_a_client_certificate_on_both_ports() {
 
 fn run_binary(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_packet-ingest"))
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--ingest-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
+        .args(LOOPBACK_ADDRS)
         .args(args)
         .output()
         .expect("run binary")

@@ -17,16 +17,19 @@ use tonic::{transport::Channel as GrpcChannel, Streaming};
 /// Generous bound for anything a test waits on; a hang fails instead of stalling CI.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// Every listener on an ephemeral loopback port.
+pub const LOOPBACK_ADDRS: [&str; 6] = [
+    "--grpc-addr",
+    "127.0.0.1:0",
+    "--ingest-addr",
+    "127.0.0.1:0",
+    "--metrics-addr",
+    "127.0.0.1:0",
+];
+
 pub async fn start(extra: &[&str]) -> RunningServer {
-    let mut argv = vec![
-        "packet-ingest",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--ingest-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ];
+    let mut argv = vec!["packet-ingest"];
+    argv.extend_from_slice(&LOOPBACK_ADDRS);
     argv.extend_from_slice(extra);
     let args = ServeArgs::try_parse_from(argv).expect("valid test arguments");
     server::start(args).await.expect("server starts")
