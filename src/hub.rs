@@ -244,7 +244,12 @@ impl Hub {
                     };
                     let range = self.append(&mut ring, packets, bytes, slowest);
                     drop(ring);
-                    self.head.send_replace(range.end);
+                    // Publishers race to here; the head only ever moves forward.
+                    self.head.send_if_modified(|head| {
+                        let advanced = *head < range.end;
+                        *head = (*head).max(range.end);
+                        advanced
+                    });
                     return range;
                 }
                 let slowest = slowest.unwrap_or_default();
