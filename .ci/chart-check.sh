@@ -14,12 +14,13 @@
 #     PACKET_INGEST_* variable, probes, ports, selectors, secret files, the
 #     helm test pod, the termination grace period;
 #   - values the chart must refuse (bad durations, unknown keys, a grace period
-#     shorter than the drain, several replicas without NATS, ...) are refused;
+#     shorter than the drain, several replicas or autoscaling, ...) are refused;
 #   - when a packet-ingest binary is built (target/release or target/debug, or
 #     PACKET_INGEST_BIN): it starts with the chart's default environment, answers
-#     health SERVING and exits 0 on SIGTERM in time; variables the chart sets
-#     that the binary does not read are a WARN (a failure with
-#     CHART_CHECK_STRICT_BINARY=1).
+#     health SERVING and exits 0 on SIGTERM in time; the PACKET_INGEST_*
+#     variables the chart sets and those the binary reads (from --help) must be
+#     the same set: a variable the binary ignores, or one the chart cannot set,
+#     is a failure.
 # It ends with one line "chart-check: N passed, M failed" and exits non-zero on
 # any failure.
 #
@@ -49,7 +50,7 @@ SERVICE_FLAGS="grpc-addr ingest-addr metrics-addr max-payload max-connections ma
   subscriber-buffer history memory-limit slow-subscriber block-timeout heartbeat hmac-key-file
   require-hmac auth-token-file tls-cert tls-key tls-client-ca shutdown-grace log-format
   concurrency-limit request-timeout load-shed http2-keepalive-interval http2-keepalive-timeout
-  cluster-nats cluster-stream verify-threads"
+  verify-threads"
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'chart-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -233,7 +234,7 @@ for e in ctr.get("env", []):
     check(e["name"] not in env, "env %s set twice" % e["name"])
     env[e["name"]] = e.get("value", e.get("valueFrom"))
 expected = {ENV[f] for f in FLAGS if f not in (
-    "hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca", "cluster-nats", "cluster-stream")}
+    "hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca")}
 if values["auth"]["enabled"]:
     expected.add(ENV["auth-token-file"])
 if values["hmac"]["enabled"]:
@@ -242,9 +243,6 @@ if values["tls"]["enabled"]:
     expected |= {ENV["tls-cert"], ENV["tls-key"]}
     if values["tls"]["clientCA"]["enabled"]:
         expected.add(ENV["tls-client-ca"])
-nats = values["clusterNats"]
-if nats.get("url") or nats.get("existingSecret"):
-    expected |= {ENV["cluster-nats"], ENV["cluster-stream"]}
 got = {k for k in env if k.startswith("PACKET_INGEST_")}
 check(got == expected, "PACKET_INGEST_* variables: missing %s, unexpected %s" % (sorted(expected - got), sorted(got - expected)))
 with open(env_out, "a") as f:
@@ -261,11 +259,6 @@ host = values["listenHost"]
 for flag, key in (("grpc-addr", "grpc"), ("ingest-addr", "ingest"), ("metrics-addr", "metrics")):
     h = "[%s]" % host if ":" in host else host
     check(env.get(ENV[flag]) == "%s:%d" % (h, values["containerPorts"][key]), "%s is %r" % (ENV[flag], env.get(ENV[flag])))
-if nats.get("url") and not nats.get("existingSecret"):
-    check(env.get(ENV["cluster-nats"]) == nats["url"], "cluster NATS url not passed")
-if nats.get("existingSecret"):
-    ref = (env.get(ENV["cluster-nats"]) or {}).get("secretKeyRef", {})
-    check(ref == {"name": nats["existingSecret"], "key": nats["existingSecretKey"]}, "cluster NATS secretKeyRef is %r" % ref)
 
 # files behind the *_FILE / TLS variables are mounted from the right Secret keys
 mounts = {m["mountPath"].rstrip("/"): m for m in ctr.get("volumeMounts", [])}
@@ -355,20 +348,17 @@ if values["serviceAccount"]["create"]:
     sas = [s["metadata"]["name"] for s in kinds("ServiceAccount")]
     check(spec.get("serviceAccountName") in sas, "serviceAccountName does not name the rendered ServiceAccount")
 
-# PDB / HPA
+# replicas: at most one (replicas do not share packets), and no autoscaler
+check(dep["spec"].get("replicas") == values["replicaCount"], "Deployment replicas %r is not replicaCount %r" % (dep["spec"].get("replicas"), values["replicaCount"]))
+check(dep["spec"].get("replicas") in (0, 1), "Deployment runs %r replicas; replicas do not share packets, at most 1 is allowed" % dep["spec"].get("replicas"))
+check(not kinds("HorizontalPodAutoscaler"), "the chart renders a HorizontalPodAutoscaler, but replicas do not share packets")
+
+# PDB
 pdbs = kinds("PodDisruptionBudget")
 check(len(pdbs) == (1 if values["podDisruptionBudget"]["enabled"] else 0), "PodDisruptionBudget count")
 for pdb in pdbs:
     check(subset(pdb["spec"]["selector"]["matchLabels"], pod_labels), "PDB selector does not match the pods")
     check(("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"]), "PDB needs exactly one of minAvailable/maxUnavailable")
-hpas = kinds("HorizontalPodAutoscaler")
-check(len(hpas) == (1 if values["autoscaling"]["enabled"] else 0), "HorizontalPodAutoscaler count")
-for hpa in hpas:
-    check(hpa["apiVersion"] == "autoscaling/v2", "HPA is not autoscaling/v2")
-    ref = hpa["spec"]["scaleTargetRef"]
-    check(ref == {"apiVersion": "apps/v1", "kind": "Deployment", "name": fullname}, "HPA targets %r" % ref)
-    check("replicas" not in dep["spec"], "Deployment sets replicas while an HPA owns them")
-    check(hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], "HPA min > max")
 
 # ServiceMonitor (schema-checked separately by node)
 sms = [d for d in docs if d.get("kind") == "ServiceMonitor"]
@@ -530,8 +520,9 @@ fi
 # With a built binary (PACKET_INGEST_BIN, or the newer of target/release and
 # target/debug), the environment the chart renders by default must start the
 # server, answer health SERVING, and exit 0 on SIGTERM within the grace period.
-# Variables the chart sets that the binary does not read are listed as WARN
-# (a fail with CHART_CHECK_STRICT_BINARY=1): the binary would ignore them.
+# The PACKET_INGEST_* variables the chart sets (across all cases) must be
+# exactly those the binary reads: one it does not read would be silently
+# ignored, one the chart cannot set is a setting users cannot reach.
 BINARY=${PACKET_INGEST_BIN:-}
 if [ -z "$BINARY" ]; then
   for candidate in "$ROOT/target/release/packet-ingest" "$ROOT/target/debug/packet-ingest"; do
@@ -548,19 +539,21 @@ if [ -z "$BINARY" ] || [ ! -x "$BINARY" ]; then
 else
   log "binary checks with $BINARY"
   "$BINARY" --help >"$WORK/help.txt" 2>&1 || true
-  bin_env=$(grep -o 'env: PACKET_INGEST_[A-Z0-9_]*' "$WORK/help.txt" | sed 's/^env: //' | sort -u)
+  bin_env=$(grep -o 'env: PACKET_INGEST_[A-Z0-9_]*' "$WORK/help.txt" | sed 's/^env: //' | sort -u || true)
   chart_env=$(sort -u "$WORK/env-seen.txt")
   unknown=$(comm -23 <(echo "$chart_env") <(echo "$bin_env") | tr '\n' ' ')
   unset_by_chart=$(comm -13 <(echo "$chart_env") <(echo "$bin_env") | tr '\n' ' ')
-  if [ -n "$unknown" ]; then
-    if [ "${CHART_CHECK_STRICT_BINARY:-0}" = 1 ]; then
-      echo "$unknown" >"$WORK/unknown-env"
-      fail "the binary does not read variables the chart sets" "$WORK/unknown-env"
-    else
-      echo "WARN  the binary ($BINARY) does not read these variables the chart sets, so their settings have no effect: $unknown"
-    fi
+  if [ -z "$bin_env" ]; then
+    fail "$BINARY --help lists no PACKET_INGEST_* variables (env: ...), cannot compare with the chart" "$WORK/help.txt"
+  elif [ -n "$unknown" ]; then
+    echo "$unknown" >"$WORK/unknown-env"
+    fail "the binary ($BINARY) does not read these variables the chart sets, so their settings would have no effect" "$WORK/unknown-env"
+  else
+    pass "the binary reads every PACKET_INGEST_* variable the chart sets ($(echo "$chart_env" | wc -l) variables)"
   fi
-  if [ -n "$unset_by_chart" ]; then
+  if [ -z "$bin_env" ]; then
+    :
+  elif [ -n "$unset_by_chart" ]; then
     echo "$unset_by_chart" >"$WORK/unset-env"
     fail "the binary reads variables the chart cannot set" "$WORK/unset-env"
   else
@@ -654,8 +647,11 @@ refusals=(
   "grace period shorter than the drain ;; must exceed ;; --set terminationGracePeriodSeconds=10"
   "grace period with preStop sleep ;; must exceed ;; --kube-version 1.31.0 --set preStopSleepSeconds=5 --set terminationGracePeriodSeconds=15"
   "preStop sleep before Kubernetes 1.30 ;; needs Kubernetes >= 1.30 ;; --kube-version 1.29.0 --set preStopSleepSeconds=5"
-  "several replicas without NATS ;; needs clusterNats ;; --set replicaCount=2"
-  "autoscaling without NATS ;; needs clusterNats ;; --set autoscaling.enabled=true"
+  "several replicas ;; replicaCount 2 is not supported.*replicas do not share packets yet ;; --set replicaCount=2"
+  "several replicas without the schema ;; replicas do not share packets yet ;; --skip-schema-validation --set replicaCount=3"
+  "autoscaling ;; autoscaling.enabled is not supported.*replicas do not share packets yet ;; --set autoscaling.enabled=true"
+  "autoscaling without the schema ;; replicas do not share packets yet ;; --skip-schema-validation --set autoscaling.enabled=true --set autoscaling.minReplicas=2"
+  "cluster NATS settings (not implemented) ;; clusterNats.*not allowed ;; --set clusterNats.url=nats://nats:4222"
   "auth without tokens ;; needs auth.tokens ;; --set auth.enabled=true"
   "hmac without key ;; needs hmac.key ;; --set hmac.enabled=true"
   "require-hmac without key ;; hmac.required needs hmac.enabled ;; --set hmac.required=true"

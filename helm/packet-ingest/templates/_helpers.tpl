@@ -141,10 +141,6 @@ empty when the format is not one of those (the check is then skipped).
 {{- if or (and $v.auth.enabled (not $v.auth.existingSecret)) (and $v.hmac.enabled (not $v.hmac.existingSecret)) (and $v.tls.enabled (not $v.tls.existingSecret)) (and $v.tls.enabled $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret)) }}true{{ end }}
 {{- end }}
 
-{{- define "packet-ingest.clusterNatsEnabled" -}}
-{{- if or .Values.clusterNats.url .Values.clusterNats.existingSecret }}true{{ end }}
-{{- end }}
-
 {{/* Directory where secret files are mounted. */}}
 {{- define "packet-ingest.secretsDir" -}}/etc/packet-ingest{{- end }}
 
@@ -210,14 +206,13 @@ Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
 {{- if and $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret) (not $v.tls.clientCA.cert) }}
 {{- fail "tls.clientCA.enabled needs tls.clientCA.cert or tls.clientCA.existingSecret" }}
 {{- end }}
-{{- if and (or $v.autoscaling.enabled (gt ($v.replicaCount | int) 1)) (not (include "packet-ingest.clusterNatsEnabled" .)) }}
-{{- fail "more than one replica (replicaCount > 1 or autoscaling.enabled) needs clusterNats.url or clusterNats.existingSecret: without it each replica is a separate hub and a subscriber sees only the packets ingested by its own replica" }}
+{{- /* Several replicas have no safe use yet: see values.yaml replicaCount. */}}
+{{- $noSharing := "replicas do not share packets yet: each replica is its own hub with its own sequence numbers, history and subscribers, so a subscriber would see only the packets that reached its own replica. Horizontal scaling needs cluster mode, which this release does not have" }}
+{{- if gt ($v.replicaCount | int) 1 }}
+{{- fail (printf "replicaCount %d is not supported (use 0 or 1): %s" ($v.replicaCount | int) $noSharing) }}
 {{- end }}
-{{- if and $v.autoscaling.enabled (gt ($v.autoscaling.minReplicas | int) ($v.autoscaling.maxReplicas | int)) }}
-{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
-{{- end }}
-{{- if and $v.autoscaling.enabled (not $v.autoscaling.targetCPUUtilizationPercentage) (not $v.autoscaling.targetMemoryUtilizationPercentage) }}
-{{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- if and (kindIs "map" $v.autoscaling) $v.autoscaling.enabled }}
+{{- fail (printf "autoscaling.enabled is not supported (the chart has no HorizontalPodAutoscaler): %s" $noSharing) }}
 {{- end }}
 {{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
 {{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
