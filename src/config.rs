@@ -107,6 +107,12 @@ pub struct ServeArgs {
     /// PEM CA bundle: clients on both ports must present a certificate it signed.
     #[arg(long, env = "PACKET_INGEST_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// NATS URL: replicas share one ordered stream through JetStream (off by default).
+    #[arg(long, env = "PACKET_INGEST_CLUSTER_NATS")]
+    pub cluster_nats: Option<String>,
+    /// JetStream stream name for cluster mode (subjects packetingest.<channel>).
+    #[arg(long, env = "PACKET_INGEST_CLUSTER_STREAM", default_value = "PACKETS")]
+    pub cluster_stream: String,
     /// Time from SIGTERM to exit: ingest drains, then streams end UNAVAILABLE.
     #[arg(long, env = "PACKET_INGEST_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -23,6 +23,8 @@ pub enum ServiceError {
     HmacNotConfigured,
     #[error("the server is shutting down; reconnect to another replica or retry")]
     ShuttingDown,
+    #[error("packets could not be stored in the cluster stream: {0}; packets before them were accepted, retry the rest")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("shutdown grace period of {0:?} ran out")]
     GraceExpired(Duration),
 }
@@ -41,7 +43,9 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             ServiceError::HmacNotConfigured => Code::FailedPrecondition,
-            ServiceError::ShuttingDown | ServiceError::GraceExpired(_) => Code::Unavailable,
+            ServiceError::ShuttingDown | ServiceError::GraceExpired(_) | ServiceError::Cluster(_) => {
+                Code::Unavailable
+            }
         };
         Status::new(code, error.to_string())
     }

@@ -7,7 +7,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::{FutureExt, Stream};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
+    cluster::{Cluster, Destination},
     hub::{Hub, Next, Subscription},
     ingest::unix_nanos_now,
     metrics::Metrics,
@@ -31,6 +32,10 @@ const PUBLISH_BATCH: usize = 256;
 
 pub struct PacketsService {
     pub hub: Arc<Hub>,
+    /// Where Publish sends packets (the hub, or JetStream in cluster mode).
+    pub destination: Destination,
+    /// Set in cluster mode: serves `from_sequence` older than local history.
+    pub cluster: Option<Arc<Cluster>>,
     pub pool: VerifyPool,
     pub metrics: Arc<Metrics>,
     pub subscriber_permits: Arc<Semaphore>,
@@ -72,8 +77,21 @@ impl Packets for PacketsService {
             })?;
         let subscription = self
             .hub
-            .subscribe(ChannelFilter::new(request.channels), request.from_sequence)
+            .subscribe_with(
+                ChannelFilter::new(request.channels),
+                request.from_sequence,
+                self.cluster.is_some(),
+            )
             .map_err(ServiceError::from)?;
+        // Cluster mode: what the local history no longer holds comes from JetStream first.
+        let replay = match (&self.cluster, request.from_sequence) {
+            (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => Some(cluster.replay(
+                from.max(1),
+                subscription.cursor(),
+                subscription.filter().clone(),
+            )),
+            _ => None,
+        };
         tracing::debug!(peer = ?peer, from = ?request.from_sequence, "subscriber joined");
         let state = SubscribeState {
             subscription,
@@ -101,7 +119,10 @@ impl Packets for PacketsService {
             };
             Some((item, state))
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(match replay {
+            Some(replay) => Box::pin(replay.chain(stream)),
+            None => Box::pin(stream),
+        }))
     }
 
     async fn publish(
@@ -119,6 +140,8 @@ impl Packets for PacketsService {
         let mut pipeline =
             OrderedPipeline::new(self.pool.clone(), Arc::from(source), self.max_in_flight);
         let mut response = PublishResponse::default();
+        let mut outlet = self.destination.outlet();
+        let mut storage_failed = false;
         let mut input_done = false;
         // The first problem ends the upload; packets before it still go through.
         let mut refusal: Option<Status> = None;
@@ -128,9 +151,13 @@ impl Packets for PacketsService {
                     self.metrics.record_batch(&verified);
                     response.accepted += verified.accepted.len() as u64;
                     response.rejected += verified.rejected_packets();
-                    let range = self.hub.publish(verified.accepted).await;
-                    if !range.is_empty() {
-                        response.last_sequence = range.end - 1;
+                    // After a storage failure nothing more is published.
+                    if !storage_failed {
+                        if let Err(error) = outlet.publish(verified).await {
+                            storage_failed = true;
+                            refusal = Some(ServiceError::from(error).into());
+                            input_done = true;
+                        }
                     }
                 }
                 first = requests.message(), if !input_done && pipeline.has_room() => {
@@ -157,6 +184,10 @@ impl Packets for PacketsService {
                 }
                 else => break,
             }
+        }
+        match outlet.finish().await {
+            Ok(last) => response.last_sequence = last.unwrap_or_default(),
+            Err(error) => refusal = refusal.or(Some(ServiceError::from(error).into())),
         }
         match refusal {
             Some(status) => Err(status),

@@ -181,17 +181,23 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::starting_at(config, metrics, 1)
+    }
+
+    /// A hub whose first packet gets `next_sequence` (cluster mode continues
+    /// the JetStream stream's numbering).
+    pub fn starting_at(config: HubConfig, metrics: Arc<Metrics>, next_sequence: u64) -> Arc<Self> {
         Arc::new(Hub {
             ring: Mutex::new(Ring {
                 batches: VecDeque::new(),
-                next_sequence: 1,
+                next_sequence,
                 retained_packets: 0,
                 retained_bytes: 0,
                 slots: Vec::new(),
                 closed: false,
                 evicted_by_channel: HashMap::new(),
             }),
-            head: watch::Sender::new(1),
+            head: watch::Sender::new(next_sequence),
             progress: Notify::new(),
             config,
             metrics,
@@ -220,6 +226,13 @@ impl Hub {
     /// In block mode this waits while the slowest subscriber would otherwise
     /// lose packets; the caller's wait is what stops its socket being read.
     pub async fn publish(&self, packets: EncodedPackets) -> Range<u64> {
+        self.publish_at(None, packets).await
+    }
+
+    /// Like `publish`, but the batch's first sequence is given (cluster mode:
+    /// the JetStream stream sequence). A sequence past the next one leaves a
+    /// gap (messages deleted from the stream); one before it is moved up.
+    pub async fn publish_at(&self, first_sequence: Option<u64>, packets: EncodedPackets) -> Range<u64> {
         if packets.is_empty() {
             let next = self.next_sequence();
             return next..next;
@@ -242,7 +255,7 @@ impl Hub {
                     let Some(packets) = packets.take() else {
                         unreachable!("packets are taken exactly once, on the way out")
                     };
-                    let range = self.append(&mut ring, packets, bytes, slowest);
+                    let range = self.append(&mut ring, first_sequence, packets, bytes, slowest);
                     drop(ring);
                     // Publishers race to here; the head only ever moves forward.
                     self.head.send_if_modified(|head| {
@@ -299,11 +312,12 @@ impl Hub {
     fn append(
         &self,
         ring: &mut Ring,
+        first_sequence: Option<u64>,
         packets: EncodedPackets,
         bytes: usize,
         protect_from: Option<u64>,
     ) -> Range<u64> {
-        let first = ring.next_sequence;
+        let first = first_sequence.map_or(ring.next_sequence, |first| first.max(ring.next_sequence));
         let count = packets.len() as u64;
         ring.batches.push_back(Stored {
             batch: Arc::new(SequencedBatch {
@@ -312,7 +326,7 @@ impl Hub {
             }),
             bytes,
         });
-        ring.next_sequence += count;
+        ring.next_sequence = first + count;
         ring.retained_packets += count;
         ring.retained_bytes += bytes;
         // Oldest first: over the byte limit, or more packets than needed for
@@ -347,6 +361,18 @@ impl Hub {
         filter: ChannelFilter,
         from_sequence: Option<u64>,
     ) -> Result<Subscription, SubscribeError> {
+        self.subscribe_with(filter, from_sequence, false)
+    }
+
+    /// `subscribe`, but a `from_sequence` older than what is retained starts
+    /// at the oldest retained packet *without* counting the rest as missed:
+    /// the caller replays `[from_sequence, replay_until())` from elsewhere.
+    pub fn subscribe_with(
+        self: &Arc<Self>,
+        filter: ChannelFilter,
+        from_sequence: Option<u64>,
+        replay_elsewhere: bool,
+    ) -> Result<Subscription, SubscribeError> {
         let mut ring = self.lock();
         if ring.closed {
             return Err(SubscribeError::ShuttingDown);
@@ -360,9 +386,10 @@ impl Hub {
             }
             Some(requested) => {
                 let requested = requested.max(1);
-                match requested < oldest {
-                    true => (oldest, oldest - requested),
-                    false => (requested, 0),
+                match (requested < oldest, replay_elsewhere) {
+                    (true, false) => (oldest, oldest - requested),
+                    (true, true) => (oldest, 0),
+                    (false, _) => (requested, 0),
                 }
             }
         };
@@ -393,6 +420,13 @@ impl Hub {
             filter,
             head: self.head.subscribe(),
         })
+    }
+
+    /// Waits until every sequence below `target` has been published here.
+    pub async fn wait_for_sequence(&self, target: u64) {
+        let mut head = self.head.subscribe();
+        // The sender lives as long as the hub, so this only ends when reached.
+        let _ = head.wait_for(|next| *next >= target).await;
     }
 
     /// Stops taking packets; subscribers drain what is there and then end.
@@ -519,6 +553,8 @@ impl Subscription {
         };
         let mut matched = 0u64;
         for batch in batches {
+            // Sequences between batches that were never assigned are skipped, not missed.
+            self.cursor = self.cursor.max(batch.first_sequence);
             let start = (self.cursor - batch.first_sequence) as usize;
             let mut end = start;
             while end < batch.packets.len() {
@@ -556,6 +592,15 @@ impl Subscription {
     /// Packets lost but not yet reported (reported with the next delivery).
     pub fn pending_missed(&self) -> u64 {
         self.pending_missed
+    }
+
+    /// The sequence this subscription will deliver next.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    pub fn filter(&self) -> &ChannelFilter {
+        &self.filter
     }
 }
 

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     frame::{FrameDecoder, FrameLimits},
-    hub::Hub,
+    cluster::{Destination, Outlet},
     metrics::Metrics,
     verify::{FrameBatch, OrderedPipeline, VerifiedBatch, VerifyPool},
 };
@@ -36,7 +36,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// Everything a connection task needs, shared by all of them.
 #[derive(Clone)]
 pub struct IngestContext {
-    pub hub: Arc<Hub>,
+    pub destination: Destination,
     pub pool: VerifyPool,
     pub metrics: Arc<Metrics>,
     pub limits: FrameLimits,
@@ -117,6 +117,8 @@ enum Ended {
     Framing(&'static str),
     ReadError,
     Deadline,
+    /// JetStream would not store the packets (cluster mode).
+    Cluster,
 }
 
 /// Runs one producer connection to completion.
@@ -137,12 +139,16 @@ pub async fn handle_connection<S>(
     let mut decoder = FrameDecoder::new(context.limits);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut ended: Option<Ended> = None;
+    let mut outlet = context.destination.outlet();
 
     loop {
         tokio::select! {
             // Publishing first keeps memory low and order trivially right.
             Some(verified) = pipeline.next(), if !pipeline.is_idle() => {
-                publish(context, verified).await;
+                // After a cluster failure the rest is dropped: the connection closes.
+                if ended != Some(Ended::Cluster) && !publish(context, &mut outlet, verified).await {
+                    ended = Some(Ended::Cluster);
+                }
             }
             read = stream.read_buf(&mut buf), if ended.is_none() && pipeline.has_room() => {
                 match read {
@@ -164,6 +170,9 @@ pub async fn handle_connection<S>(
         }
     }
 
+    if let Err(error) = outlet.finish().await {
+        tracing::warn!(%error, "packets of this connection may not all be stored");
+    }
     if let Some(Ended::Framing(reason)) = ended {
         metrics.protocol_errors.add(reason, 1, 0);
     }
@@ -233,7 +242,8 @@ fn reserve_for_next_read(buf: &mut BytesMut, decoder: &FrameDecoder) {
     }
 }
 
-async fn publish(context: &IngestContext, verified: VerifiedBatch) {
+/// Publishes a verified batch; false if the connection must stop (cluster failure).
+async fn publish(context: &IngestContext, outlet: &mut Outlet, verified: VerifiedBatch) -> bool {
     context.metrics.record_batch(&verified);
     if verified.rejected_packets() > 0 {
         tracing::debug!(
@@ -241,7 +251,13 @@ async fn publish(context: &IngestContext, verified: VerifiedBatch) {
             "dropped frames that failed verification"
         );
     }
-    context.hub.publish(verified.accepted).await;
+    match outlet.publish(verified).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, "closing ingest connection: packets cannot be stored");
+            false
+        }
+    }
 }
 
 pub fn unix_nanos_now() -> i64 {

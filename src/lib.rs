@@ -14,6 +14,7 @@
 //! - [`verify`]: where a packet is verified: digest checks and the ordered
 //!   parallel pipeline on the rayon pool.
 //! - [`wire`]: protobuf encoding of accepted packets, once per batch.
+//! - [`cluster`]: optional NATS JetStream stream shared by replicas.
 //! - [`hub`]: sequence numbers, the shared byte-bounded ring, subscriber cursors
 //!   and slow-subscriber policies.
 //! - [`ingest`]: TCP listener and per-connection read -> frame -> verify -> hub.
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod frame;

@@ -18,6 +18,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     auth::{AuthLayer, TokenStore},
+    cluster::{Cluster, ClusterError, Destination},
     config::{load_hmac_key, ConfigError, ServeArgs},
     frame::FrameLimits,
     grpc::{PacketsServer, PacketsService},
@@ -48,6 +49,8 @@ pub enum StartError {
     Pool(#[from] rayon::ThreadPoolBuildError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("cannot set up TLS on the gRPC port: {0}")]
     GrpcTls(#[from] tonic::transport::Error),
 }
@@ -108,7 +111,16 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
             None => None,
         };
     let metrics = Metrics::new();
-    let hub = Hub::new(
+    let cluster = match &args.cluster_nats {
+        Some(url) => Some(Cluster::connect(url, &args.cluster_stream).await?),
+        None => None,
+    };
+    // In cluster mode sequences are the JetStream stream's: continue from its end.
+    let first_sequence = match &cluster {
+        Some(cluster) => cluster.next_sequence().await?,
+        None => 1,
+    };
+    let hub = Hub::starting_at(
         HubConfig {
             retain_packets: args.retain_packets(),
             memory_limit: usize::try_from(args.memory_limit).unwrap_or(usize::MAX),
@@ -117,7 +129,16 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
             max_delivery_bytes: MAX_DELIVERY_BYTES,
         },
         Arc::clone(&metrics),
+        first_sequence,
     );
+    let destination = match &cluster {
+        Some(cluster) => Destination::Cluster(Arc::clone(cluster)),
+        None => Destination::Hub(Arc::clone(&hub)),
+    };
+    let stop_feed = CancellationToken::new();
+    let feed_task = cluster.as_ref().map(|cluster| {
+        tokio::spawn(Arc::clone(cluster).feed(Arc::clone(&hub), first_sequence, stop_feed.clone()))
+    });
     let verifier = Verifier::new(hmac_key.as_deref(), args.require_hmac);
     let pool = VerifyPool::new(verifier, args.verify_threads)?;
     let max_in_flight = pool.threads() * IN_FLIGHT_PER_THREAD;
@@ -135,7 +156,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let ingest_tasks = TaskTracker::new();
 
     let ingest_context = IngestContext {
-        hub: Arc::clone(&hub),
+        destination: destination.clone(),
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
         limits: FrameLimits {
@@ -163,6 +184,8 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     };
     let packets = PacketsService {
         hub: Arc::clone(&hub),
+        destination,
+        cluster: cluster.clone(),
         pool,
         metrics: Arc::clone(&metrics),
         subscriber_permits: Arc::new(Semaphore::new(args.max_subscribers as usize)),
@@ -227,6 +250,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         tls = tls.is_some(),
         auth = args.auth_token_file.is_some(),
         hmac = hmac_key.is_some(),
+        cluster = args.cluster_nats.is_some(),
         "packet-ingest listening"
     );
 
@@ -240,6 +264,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         metrics_task,
         health,
         hub: Arc::clone(&hub),
+        cluster: cluster.map(|cluster| (cluster, stop_feed, feed_task)),
         grace: args.shutdown_grace,
     }));
     Ok(RunningServer {
@@ -263,6 +288,8 @@ struct Lifecycle {
     metrics_task: JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
     hub: Arc<Hub>,
+    /// Cluster mode: the stream, and the feed into the hub with its stop signal.
+    cluster: Option<(Arc<Cluster>, CancellationToken, Option<JoinHandle<()>>)>,
     grace: Duration,
 }
 
@@ -294,6 +321,18 @@ async fn lifecycle(parts: Lifecycle) {
         }
     }
 
+    if let Some((cluster, stop_feed, feed_task)) = parts.cluster {
+        // What this replica stored must reach its own subscribers before they end.
+        if let Ok(target) = cluster.next_sequence().await {
+            if tokio::time::timeout_at(deadline, parts.hub.wait_for_sequence(target)).await.is_err() {
+                tracing::warn!(target, "cluster feed did not catch up before the grace deadline");
+            }
+        }
+        stop_feed.cancel();
+        if let Some(feed_task) = feed_task {
+            let _ = feed_task.await;
+        }
+    }
     parts.hub.close();
     parts.stop_grpc.cancel();
     let mut grpc_task = parts.grpc_task;

@@ -79,11 +79,21 @@ impl EncodedPackets {
     }
 
     fn body(&self, index: usize) -> &[u8] {
+        &self.body[self.body_range(index)]
+    }
+
+    /// Packet `index`'s encoded fields (a `Packet` message without `sequence`),
+    /// sharing this batch's buffer.
+    pub fn body_bytes(&self, index: usize) -> Bytes {
+        self.body.slice(self.body_range(index))
+    }
+
+    fn body_range(&self, index: usize) -> Range<usize> {
         let start = match index {
             0 => 0,
             _ => self.entries[index - 1].1 as usize,
         };
-        &self.body[start..self.entries[index].1 as usize]
+        start..self.entries[index].1 as usize
     }
 }
 
@@ -128,6 +138,13 @@ impl EncodedPacketsBuilder {
             put_varint(body, fields.received_unix_nanos as u64);
         }
         self.entries.push((fields.channel, body.len() as u32));
+    }
+
+    /// Appends a packet already encoded by `push` elsewhere (cluster mode:
+    /// the body of a JetStream message).
+    pub fn push_encoded(&mut self, channel: Channel, body: &[u8]) {
+        self.body.put_slice(body);
+        self.entries.push((channel, self.body.len() as u32));
     }
 
     pub fn finish(self) -> EncodedPackets {
