@@ -1,0 +1,285 @@
+//! Cluster mode against a real `nats-server -js` on loopback: replicas share one
+//! ordered stream, survive a replica's death and a NATS restart.
+//!
+//! Needs `nats-server` on PATH (Debian package `nats-server`; `.ci/run`
+//! installs it). Without it these tests say so and pass, unless
+//! `PACKET_INGEST_REQUIRE_NATS=1` (set by CI), where a missing server fails.
+
+mod common;
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use common::*;
+use packet_ingest::pb::{Packet, SubscribeResponse};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::Streaming;
+
+struct Nats {
+    child: Child,
+    url: String,
+    port: u16,
+    store: PathBuf,
+}
+
+impl Nats {
+    /// Starts nats-server (port `None`: a random one), or returns None (test
+    /// skipped) when it is not installed.
+    async fn start(store: PathBuf, port: Option<u16>) -> Option<Nats> {
+        let installed = std::process::Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !installed {
+            assert!(
+                std::env::var("PACKET_INGEST_REQUIRE_NATS").is_err(),
+                "nats-server is required (apt-get install nats-server)"
+            );
+            eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+            return None;
+        }
+        let mut child = Command::new("nats-server")
+            // nats-server reads port -1 as "pick a free one".
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.map_or("-1".to_owned(), |p| p.to_string()),
+                "-js",
+                "-sd",
+            ])
+            .arg(&store)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nats-server");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let port = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.expect("nats log") {
+                if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
+                    let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                    return port.expect("port in nats log");
+                }
+            }
+            panic!("nats-server exited before listening");
+        })
+        .await
+        .expect("nats-server starts");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Some(Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store,
+        })
+    }
+
+    async fn stop(mut self) -> (PathBuf, u16) {
+        let _ = self.child.kill().await;
+        (self.store, self.port)
+    }
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("packet-ingest-nats-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("store dir");
+    dir
+}
+
+async fn replica(nats: &Nats) -> packet_ingest::server::RunningServer {
+    start(&["--cluster-nats", &nats.url]).await
+}
+
+async fn send_frames(addr: std::net::SocketAddr, count: usize, source: usize) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(&wire(&frames(source as u32, count, 64, source)))
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("close");
+}
+
+fn key(packet: &Packet) -> (u64, String, u64) {
+    (
+        packet.sequence,
+        packet.source.clone(),
+        packet.source_sequence,
+    )
+}
+
+/// Receives until the last packet has sequence `last`; returns packets and missed.
+async fn receive_through(
+    stream: &mut Streaming<SubscribeResponse>,
+    last: u64,
+) -> (Vec<Packet>, u64) {
+    let mut packets: Vec<Packet> = Vec::new();
+    let mut missed = 0;
+    tokio::time::timeout(PATIENCE, async {
+        while packets.last().is_none_or(|p| p.sequence < last) {
+            let response = stream.message().await.expect("healthy").expect("open");
+            missed += response.missed;
+            packets.extend(response.packets);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "timed out at {:?} waiting for sequence {last}",
+            packets.last().map(|p| p.sequence)
+        )
+    });
+    (packets, missed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_deliver_the_same_packets_with_the_same_sequences() {
+    let Some(nats) = Nats::start(store_dir("share"), None).await else {
+        return;
+    };
+    let a = replica(&nats).await;
+    let b = replica(&nats).await;
+    let mut on_a = subscribe(&a, vec![], None).await;
+    let mut on_b = subscribe(&b, vec![], None).await;
+    tokio::join!(
+        send_frames(a.ingest_addr, 3000, 1),
+        send_frames(b.ingest_addr, 3000, 2)
+    );
+    let (from_a, missed_a) = collect(&mut on_a, 6000).await;
+    let (from_b, missed_b) = collect(&mut on_b, 6000).await;
+    assert_eq!((missed_a, missed_b), (0, 0));
+    assert_eq!(
+        from_a.iter().map(key).collect::<Vec<_>>(),
+        from_b.iter().map(key).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        from_a.iter().map(|p| p.sequence).collect::<Vec<_>>(),
+        (1..=6000).collect::<Vec<_>>()
+    );
+    let by_source = assert_ordered(&from_a);
+    assert_eq!(by_source.len(), 2);
+    for packets in by_source.values() {
+        assert_eq!(packets.len(), 3000);
+        assert!(packets
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.source_sequence == i as u64));
+    }
+    // A late subscriber on B resumes from sequence 1 out of JetStream.
+    let history = start(&[
+        "--cluster-nats",
+        &nats.url,
+        "--history",
+        "10",
+        "--subscriber-buffer",
+        "10",
+    ])
+    .await;
+    let mut replayed = subscribe(&history, vec![], Some(1)).await;
+    let (again, missed) = receive_through(&mut replayed, 6000).await;
+    assert_eq!(missed, 0);
+    assert_eq!(
+        again.iter().map(key).collect::<Vec<_>>(),
+        from_a.iter().map(key).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_stored_by_a_killed_replica_still_reach_the_other() {
+    let Some(nats) = Nats::start(store_dir("kill"), None).await else {
+        return;
+    };
+    let b = replica(&nats).await;
+    let mut on_b = subscribe(&b, vec![], None).await;
+    let mut a = Command::new(env!("CARGO_BIN_EXE_packet-ingest"))
+        .args(LOOPBACK_ADDRS)
+        .args(["--log-format", "json", "--cluster-nats", &nats.url])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn replica A");
+    let mut lines = BufReader::new(a.stderr.take().expect("stderr")).lines();
+    let a_ingest: std::net::SocketAddr = loop {
+        let line = lines.next_line().await.expect("log").expect("A is running");
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if entry["fields"]["message"] == "packet-ingest listening" {
+            break entry["fields"]["ingest_addr"]
+                .as_str()
+                .expect("addr")
+                .parse()
+                .expect("addr");
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let producer = tokio::spawn(async move {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(a_ingest).await else {
+            return;
+        };
+        let _ = stream.write_all(&wire(&frames(1, 200_000, 64, 0))).await;
+    });
+    // Kill A mid-stream, once B has seen some of its packets.
+    collect(&mut on_b, 1000).await;
+    a.kill().await.expect("kill A");
+    producer.abort();
+    let stored = {
+        let client = async_nats::connect(&nats.url).await.expect("nats");
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream("PACKETS")
+            .await
+            .expect("stream");
+        stream.info().await.expect("info").state.last_sequence
+    };
+    assert!(stored >= 1000);
+    let (rest, missed) = receive_through(&mut on_b, stored).await;
+    assert_eq!(missed, 0);
+    // Everything A had stored reached B: 1..=stored, in order, nothing else.
+    let sequences: Vec<u64> = rest.iter().map(|p| p.sequence).collect();
+    assert_eq!(sequences, (1001..=stored).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reconnect_and_go_on_after_nats_restarts() {
+    let Some(nats) = Nats::start(store_dir("restart"), None).await else {
+        return;
+    };
+    let a = replica(&nats).await;
+    let b = replica(&nats).await;
+    let mut on_b = subscribe(&b, vec![], None).await;
+    send_frames(a.ingest_addr, 500, 1).await;
+    let (before, _) = collect(&mut on_b, 500).await;
+    assert_eq!(before.last().map(|p| p.sequence), Some(500));
+
+    let (store, port) = nats.stop().await;
+    let _nats = Nats::start(store, Some(port)).await.expect("nats restarts");
+    // Producers keep sending; once the replicas are back, packets flow again.
+    let mut received: Vec<Packet> = Vec::new();
+    let mut missed = 0;
+    let mut round = 0;
+    tokio::time::timeout(PATIENCE, async {
+        while received.is_empty() {
+            round += 1;
+            send_frames(a.ingest_addr, 100, 100 + round).await;
+            if let Ok(Some(Ok(Some(response)))) =
+                tokio::time::timeout(Duration::from_secs(2), on_b.message())
+                    .await
+                    .map(Some)
+            {
+                missed += response.missed;
+                received.extend(response.packets);
+            }
+        }
+    })
+    .await
+    .expect("packets flow again after the NATS restart");
+    assert!(received.iter().all(|p| p.sequence > 500));
+    // Never silence, never a hidden gap: what B got plus what it was told it
+    // missed accounts for every sequence after 500 up to the last it saw.
+    let last = received.last().map_or(500, |p| p.sequence);
+    assert_eq!(received.len() as u64 + missed, last - 500);
+    assert_ordered(&received);
+}
