@@ -1,8 +1,6 @@
 //! Errors a client can cause or observe, and the one place they become gRPC
 //! status codes. Every message says what happened and what to do about it.
 
-use std::time::Duration;
-
 use tonic::{Code, Status};
 
 use crate::hub::{SubscribeError, SubscriptionEnd};
@@ -25,8 +23,6 @@ pub enum ServiceError {
     ShuttingDown,
     #[error("packets could not be stored in the cluster stream: {0}; packets before them were accepted, retry the rest")]
     Cluster(#[from] crate::cluster::ClusterError),
-    #[error("shutdown grace period of {0:?} ran out")]
-    GraceExpired(Duration),
 }
 
 impl From<ServiceError> for Status {
@@ -43,9 +39,7 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             ServiceError::HmacNotConfigured => Code::FailedPrecondition,
-            ServiceError::ShuttingDown | ServiceError::GraceExpired(_) | ServiceError::Cluster(_) => {
-                Code::Unavailable
-            }
+            ServiceError::ShuttingDown | ServiceError::Cluster(_) => Code::Unavailable,
         };
         Status::new(code, error.to_string())
     }
@@ -54,6 +48,7 @@ impl From<ServiceError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn every_error_maps_to_the_contracted_code() {

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    cluster::{Cluster, Destination},
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
-    cluster::{Cluster, Destination},
     hub::{Hub, Next, Subscription},
     ingest::unix_nanos_now,
     metrics::Metrics,
@@ -29,6 +29,9 @@ pub use crate::pb_server::packets_server::{Packets, PacketsServer};
 /// Requests a Publish stream gathers into one verification batch when they are
 /// already buffered; a lone request is never held back waiting for more.
 const PUBLISH_BATCH: usize = 256;
+/// Cluster mode: how long Subscribe waits for this replica to reach a
+/// `from_sequence` that the shared stream already has.
+const CLUSTER_CATCH_UP: Duration = Duration::from_secs(5);
 
 pub struct PacketsService {
     pub hub: Arc<Hub>,
@@ -75,6 +78,19 @@ impl Packets for PacketsService {
             .map_err(|_| ServiceError::TooManySubscribers {
                 limit: self.max_subscribers,
             })?;
+        if let (Some(cluster), Some(from)) = (&self.cluster, request.from_sequence) {
+            // A client moving between replicas may ask for a sequence this
+            // replica's consumer has not reached yet: wait a little for it.
+            if from > self.hub.next_sequence()
+                && cluster
+                    .next_sequence()
+                    .await
+                    .is_ok_and(|stream_next| from <= stream_next)
+            {
+                let _ =
+                    tokio::time::timeout(CLUSTER_CATCH_UP, self.hub.wait_for_sequence(from)).await;
+            }
+        }
         let subscription = self
             .hub
             .subscribe_with(
@@ -85,11 +101,13 @@ impl Packets for PacketsService {
             .map_err(ServiceError::from)?;
         // Cluster mode: what the local history no longer holds comes from JetStream first.
         let replay = match (&self.cluster, request.from_sequence) {
-            (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => Some(cluster.replay(
-                from.max(1),
-                subscription.cursor(),
-                subscription.filter().clone(),
-            )),
+            (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => {
+                Some(cluster.replay(
+                    from.max(1),
+                    subscription.cursor(),
+                    subscription.filter().clone(),
+                ))
+            }
             _ => None,
         };
         tracing::debug!(peer = ?peer, from = ?request.from_sequence, "subscriber joined");
