@@ -12,9 +12,11 @@
 #     the prometheus-operator CRD schema from @kubernetes-models/prometheus-operator;
 #   - consistency checks no schema can make: every value reaches its
 #     PACKET_INGEST_* variable, probes, ports, selectors, secret files, the
-#     helm test pod, the termination grace period;
+#     helm test pod, the termination grace period, cluster NATS variables,
+#     replicas / HorizontalPodAutoscaler / PodDisruptionBudget;
 #   - values the chart must refuse (bad durations, unknown keys, a grace period
-#     shorter than the drain, several replicas or autoscaling, ...) are refused;
+#     shorter than the drain, several replicas or autoscaling without cluster
+#     NATS, a PodDisruptionBudget that allows no eviction, ...) are refused;
 #   - when a packet-ingest binary is built (target/release or target/debug, or
 #     PACKET_INGEST_BIN): it starts with the chart's default environment, answers
 #     health SERVING and exits 0 on SIGTERM in time; the PACKET_INGEST_*
@@ -50,7 +52,7 @@ SERVICE_FLAGS="grpc-addr ingest-addr metrics-addr max-payload max-connections ma
   subscriber-buffer history memory-limit slow-subscriber block-timeout heartbeat hmac-key-file
   require-hmac auth-token-file tls-cert tls-key tls-client-ca shutdown-grace log-format
   concurrency-limit request-timeout load-shed http2-keepalive-interval http2-keepalive-timeout
-  verify-threads"
+  cluster-nats cluster-stream verify-threads"
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'chart-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -234,7 +236,7 @@ for e in ctr.get("env", []):
     check(e["name"] not in env, "env %s set twice" % e["name"])
     env[e["name"]] = e.get("value", e.get("valueFrom"))
 expected = {ENV[f] for f in FLAGS if f not in (
-    "hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca")}
+    "hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca", "cluster-nats", "cluster-stream")}
 if values["auth"]["enabled"]:
     expected.add(ENV["auth-token-file"])
 if values["hmac"]["enabled"]:
@@ -243,6 +245,10 @@ if values["tls"]["enabled"]:
     expected |= {ENV["tls-cert"], ENV["tls-key"]}
     if values["tls"]["clientCA"]["enabled"]:
         expected.add(ENV["tls-client-ca"])
+nats = values["clusterNats"]
+cluster = bool(nats.get("url") or nats.get("existingSecret"))
+if cluster:
+    expected |= {ENV["cluster-nats"], ENV["cluster-stream"]}
 got = {k for k in env if k.startswith("PACKET_INGEST_")}
 check(got == expected, "PACKET_INGEST_* variables: missing %s, unexpected %s" % (sorted(expected - got), sorted(got - expected)))
 with open(env_out, "a") as f:
@@ -259,6 +265,13 @@ host = values["listenHost"]
 for flag, key in (("grpc-addr", "grpc"), ("ingest-addr", "ingest"), ("metrics-addr", "metrics")):
     h = "[%s]" % host if ":" in host else host
     check(env.get(ENV[flag]) == "%s:%d" % (h, values["containerPorts"][key]), "%s is %r" % (ENV[flag], env.get(ENV[flag])))
+if cluster:
+    if nats.get("existingSecret"):
+        ref = (env.get(ENV["cluster-nats"]) or {}).get("secretKeyRef") if isinstance(env.get(ENV["cluster-nats"]), dict) else None
+        check(ref == {"name": nats["existingSecret"], "key": nats["existingSecretKey"]}, "cluster NATS secretKeyRef is %r" % (ref,))
+    else:
+        check(env.get(ENV["cluster-nats"]) == nats["url"], "cluster NATS url is %r, expected %r" % (env.get(ENV["cluster-nats"]), nats["url"]))
+    check(env.get(ENV["cluster-stream"]) == nats["stream"], "cluster stream is %r, expected %r" % (env.get(ENV["cluster-stream"]), nats["stream"]))
 
 # files behind the *_FILE / TLS variables are mounted from the right Secret keys
 mounts = {m["mountPath"].rstrip("/"): m for m in ctr.get("volumeMounts", [])}
@@ -348,17 +361,51 @@ if values["serviceAccount"]["create"]:
     sas = [s["metadata"]["name"] for s in kinds("ServiceAccount")]
     check(spec.get("serviceAccountName") in sas, "serviceAccountName does not name the rendered ServiceAccount")
 
-# replicas: at most one (replicas do not share packets), and no autoscaler
-check(dep["spec"].get("replicas") == values["replicaCount"], "Deployment replicas %r is not replicaCount %r" % (dep["spec"].get("replicas"), values["replicaCount"]))
-check(dep["spec"].get("replicas") in (0, 1), "Deployment runs %r replicas; replicas do not share packets, at most 1 is allowed" % dep["spec"].get("replicas"))
-check(not kinds("HorizontalPodAutoscaler"), "the chart renders a HorizontalPodAutoscaler, but replicas do not share packets")
+# replicas: more than one (or an autoscaler) only in cluster mode
+autoscaling = values["autoscaling"]
+hpas = kinds("HorizontalPodAutoscaler")
+check(len(hpas) == (1 if autoscaling["enabled"] else 0), "HorizontalPodAutoscaler count is %d" % len(hpas))
+if autoscaling["enabled"]:
+    check("replicas" not in dep["spec"], "Deployment sets replicas while an HPA owns them")
+    fewest = autoscaling["minReplicas"]
+else:
+    check(dep["spec"].get("replicas") == values["replicaCount"], "Deployment replicas %r is not replicaCount %r" % (dep["spec"].get("replicas"), values["replicaCount"]))
+    fewest = values["replicaCount"]
+if not cluster:
+    check(not hpas, "a HorizontalPodAutoscaler without cluster NATS: replicas would not share packets")
+    check(dep["spec"].get("replicas") in (0, 1), "Deployment runs %r replicas without cluster NATS: replicas would not share packets" % dep["spec"].get("replicas"))
+for hpa in hpas:
+    check(hpa["apiVersion"] == "autoscaling/v2", "HPA is not autoscaling/v2")
+    check(hpa["metadata"].get("namespace") == dep["metadata"].get("namespace"), "HPA is not in the Deployment's namespace")
+    ref = hpa["spec"]["scaleTargetRef"]
+    check(ref == {"apiVersion": "apps/v1", "kind": "Deployment", "name": fullname}, "HPA targets %r" % ref)
+    check(hpa["spec"]["minReplicas"] == autoscaling["minReplicas"] and hpa["spec"]["maxReplicas"] == autoscaling["maxReplicas"],
+          "HPA replicas %r..%r, expected %r..%r" % (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"], autoscaling["minReplicas"], autoscaling["maxReplicas"]))
+    check(1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], "HPA min > max")
+    targets = {m["resource"]["name"]: m["resource"]["target"] for m in hpa["spec"].get("metrics", []) if m.get("type") == "Resource"}
+    want = {n: v for n, v in (("cpu", autoscaling.get("targetCPUUtilizationPercentage")),
+                               ("memory", autoscaling.get("targetMemoryUtilizationPercentage"))) if v}
+    check(targets == {n: {"type": "Utilization", "averageUtilization": v} for n, v in want.items()}, "HPA metrics %r, expected %r" % (targets, want))
+    for n in targets:
+        check((res.get("requests") or {}).get(n) is not None, "HPA scales on %s utilization but the container requests no %s" % (n, n))
+    check(hpa["spec"].get("behavior", {}) == (autoscaling.get("behavior") or {}), "HPA behavior is not autoscaling.behavior")
 
-# PDB
+# PDB: selects the pods, and lets at least one pod be evicted at the fewest replicas
+def scaled(v, n):
+    if isinstance(v, str) and v.endswith("%"):
+        return -(-int(v[:-1]) * n // 100)  # rounded up, like the disruption controller
+    return int(v)
 pdbs = kinds("PodDisruptionBudget")
 check(len(pdbs) == (1 if values["podDisruptionBudget"]["enabled"] else 0), "PodDisruptionBudget count")
 for pdb in pdbs:
     check(subset(pdb["spec"]["selector"]["matchLabels"], pod_labels), "PDB selector does not match the pods")
     check(("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"]), "PDB needs exactly one of minAvailable/maxUnavailable")
+    if fewest > 0:
+        if "minAvailable" in pdb["spec"]:
+            allowed = fewest - scaled(pdb["spec"]["minAvailable"], fewest)
+        else:
+            allowed = min(fewest, scaled(pdb["spec"]["maxUnavailable"], fewest))
+        check(allowed >= 1, "PDB %r allows no eviction with %d replica(s): node drains would hang" % (pdb["spec"], fewest))
 
 # ServiceMonitor (schema-checked separately by node)
 sms = [d for d in docs if d.get("kind") == "ServiceMonitor"]
@@ -447,6 +494,24 @@ for c in "${cases[@]}"; do
     pass "$name: NOTES.txt renders with the port-forward and grpcurl list / health / Subscribe commands"
   else
     fail "$name: NOTES.txt" "$WORK/$name.install"
+  fi
+  # The notes name the JetStream stream exactly when cluster NATS is set.
+  cluster_case=$(py - "$caseval" <<'PY'
+import sys, yaml
+v = yaml.safe_load(open(sys.argv[1])) if sys.argv[1] != "-" else {}
+n = (v or {}).get("clusterNats") or {}
+print(1 if n.get("url") or n.get("existingSecret") else 0)
+PY
+)
+  if grep -q 'Cluster mode: replicas share packets through NATS JetStream stream' "$WORK/$name.notes"; then
+    notes_cluster=1
+  else
+    notes_cluster=0
+  fi
+  if [ "$notes_cluster" = "$cluster_case" ]; then
+    pass "$name: NOTES.txt $([ "$cluster_case" = 1 ] && echo describes || echo 'does not mention') cluster mode"
+  else
+    fail "$name: NOTES.txt cluster mode section (expected $cluster_case, got $notes_cluster)" "$WORK/$name.notes"
   fi
 
   # A values file can raise the oldest version it is rendered for with a
@@ -647,11 +712,25 @@ refusals=(
   "grace period shorter than the drain ;; must exceed ;; --set terminationGracePeriodSeconds=10"
   "grace period with preStop sleep ;; must exceed ;; --kube-version 1.31.0 --set preStopSleepSeconds=5 --set terminationGracePeriodSeconds=15"
   "preStop sleep before Kubernetes 1.30 ;; needs Kubernetes >= 1.30 ;; --kube-version 1.29.0 --set preStopSleepSeconds=5"
-  "several replicas ;; replicaCount 2 is not supported.*replicas do not share packets yet ;; --set replicaCount=2"
-  "several replicas without the schema ;; replicas do not share packets yet ;; --skip-schema-validation --set replicaCount=3"
-  "autoscaling ;; autoscaling.enabled is not supported.*replicas do not share packets yet ;; --set autoscaling.enabled=true"
-  "autoscaling without the schema ;; replicas do not share packets yet ;; --skip-schema-validation --set autoscaling.enabled=true --set autoscaling.minReplicas=2"
-  "cluster NATS settings (not implemented) ;; clusterNats.*not allowed ;; --set clusterNats.url=nats://nats:4222"
+  "several replicas without NATS ;; replicaCount 2 needs clusterNats.*own hub ;; --set replicaCount=2"
+  "several replicas without NATS or the schema ;; replicaCount 3 needs clusterNats ;; --skip-schema-validation --set replicaCount=3"
+  "autoscaling without NATS ;; autoscaling.enabled needs clusterNats.*own hub ;; --set autoscaling.enabled=true"
+  "autoscaling without NATS or the schema ;; autoscaling.enabled needs clusterNats ;; --skip-schema-validation --set autoscaling.enabled=true --set autoscaling.minReplicas=2"
+  "several replicas with only a NATS stream name ;; replicaCount 2 needs clusterNats ;; --set replicaCount=2 --set clusterNats.stream=OTHER"
+  "NATS url and existingSecret both ;; clusterNats.url or clusterNats.existingSecret, not both ;; --set clusterNats.url=nats://nats:4222 --set clusterNats.existingSecret=nats-url"
+  "NATS url with another scheme ;; clusterNats.*url.*match.*pattern ;; --set clusterNats.url=http://nats:4222"
+  "NATS url without the schema ;; not a nats:// or tls:// URL ;; --skip-schema-validation --set clusterNats.url=nats:4222"
+  "NATS stream name with a dot ;; clusterNats.*stream.*match.*pattern ;; --set clusterNats.url=nats://nats:4222 --set clusterNats.stream=a.b"
+  "NATS stream name without the schema ;; not a JetStream stream name ;; --skip-schema-validation --set clusterNats.url=nats://nats:4222 --set clusterNats.stream=a>b"
+  "NATS secret without a key ;; existingSecretKey.*(minLength|at least) ;; --set clusterNats.existingSecret=nats-url --set clusterNats.existingSecretKey="
+  "autoscaling min above max ;; minReplicas \\(4\\) must not exceed autoscaling.maxReplicas \\(3\\) ;; --set clusterNats.url=nats://nats:4222 --set autoscaling.enabled=true --set autoscaling.minReplicas=4 --set autoscaling.maxReplicas=3"
+  "autoscaling without targets ;; needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage ;; --set clusterNats.url=nats://nats:4222 --set autoscaling.enabled=true --set autoscaling.targetCPUUtilizationPercentage=null"
+  "autoscaling on CPU without a CPU request ;; needs resources.requests.cpu ;; --set clusterNats.url=nats://nats:4222 --set autoscaling.enabled=true --set resources.requests.cpu=null"
+  "unknown autoscaling key ;; autoscaling.*not allowed ;; --set autoscaling.targetCPU=50"
+  "PDB that blocks draining the single replica ;; minAvailable 1 allows no eviction with 1 replica ;; --set podDisruptionBudget.minAvailable=1"
+  "PDB that blocks draining the single replica (percent) ;; minAvailable 50% allows no eviction with 1 replica ;; --set podDisruptionBudget.minAvailable=50%"
+  "PDB that blocks draining several replicas ;; minAvailable 2 allows no eviction with 2 replica ;; --set clusterNats.url=nats://nats:4222 --set replicaCount=2 --set podDisruptionBudget.minAvailable=2"
+  "PDB that blocks draining at the HPA minimum ;; maxUnavailable 0 allows no eviction with 2 replica.*autoscaling.minReplicas ;; --set clusterNats.url=nats://nats:4222 --set autoscaling.enabled=true --set podDisruptionBudget.maxUnavailable=0"
   "auth without tokens ;; needs auth.tokens ;; --set auth.enabled=true"
   "hmac without key ;; needs hmac.key ;; --set hmac.enabled=true"
   "require-hmac without key ;; hmac.required needs hmac.enabled ;; --set hmac.required=true"

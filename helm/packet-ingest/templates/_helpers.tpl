@@ -141,6 +141,49 @@ empty when the format is not one of those (the check is then skipped).
 {{- if or (and $v.auth.enabled (not $v.auth.existingSecret)) (and $v.hmac.enabled (not $v.hmac.existingSecret)) (and $v.tls.enabled (not $v.tls.existingSecret)) (and $v.tls.enabled $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret)) }}true{{ end }}
 {{- end }}
 
+{{/* "true" when cluster mode (NATS JetStream) is configured. */}}
+{{- define "packet-ingest.clusterNatsEnabled" -}}
+{{- if or .Values.clusterNats.url .Values.clusterNats.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+The fewest replicas the Deployment runs: autoscaling.minReplicas with the
+HPA, replicaCount otherwise.
+*/}}
+{{- define "packet-ingest.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- .Values.autoscaling.minReplicas | int }}
+{{- else }}
+{{- .Values.replicaCount | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pods the PodDisruptionBudget lets an eviction take down out of N replicas,
+computed like the disruption controller (percentages round up).
+Usage: include "packet-ingest.pdbAllowed" (list .Values.podDisruptionBudget N)
+*/}}
+{{- define "packet-ingest.pdbAllowed" -}}
+{{- $pdb := index . 0 }}
+{{- $n := index . 1 | int }}
+{{- $bound := $pdb.maxUnavailable }}
+{{- if not (kindIs "invalid" $pdb.minAvailable) }}
+{{- $bound = $pdb.minAvailable }}
+{{- end }}
+{{- $b := $bound | toString | trim }}
+{{- $count := 0 }}
+{{- if regexMatch "^[0-9]+%$" $b }}
+{{- $count = div (add (mul (trimSuffix "%" $b | int) $n) 99) 100 }}
+{{- else }}
+{{- $count = $b | int }}
+{{- end }}
+{{- if not (kindIs "invalid" $pdb.minAvailable) }}
+{{- max 0 (sub $n $count) }}
+{{- else }}
+{{- min $n $count }}
+{{- end }}
+{{- end }}
+
 {{/* Directory where secret files are mounted. */}}
 {{- define "packet-ingest.secretsDir" -}}/etc/packet-ingest{{- end }}
 
@@ -206,16 +249,58 @@ Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
 {{- if and $v.tls.clientCA.enabled (not $v.tls.clientCA.existingSecret) (not $v.tls.clientCA.cert) }}
 {{- fail "tls.clientCA.enabled needs tls.clientCA.cert or tls.clientCA.existingSecret" }}
 {{- end }}
-{{- /* Several replicas have no safe use yet: see values.yaml replicaCount. */}}
-{{- $noSharing := "replicas do not share packets yet: each replica is its own hub with its own sequence numbers, history and subscribers, so a subscriber would see only the packets that reached its own replica. Horizontal scaling needs cluster mode, which this release does not have" }}
-{{- if gt ($v.replicaCount | int) 1 }}
-{{- fail (printf "replicaCount %d is not supported (use 0 or 1): %s" ($v.replicaCount | int) $noSharing) }}
+{{- $nats := $v.clusterNats }}
+{{- if and $nats.url $nats.existingSecret }}
+{{- fail "set clusterNats.url or clusterNats.existingSecret, not both" }}
 {{- end }}
-{{- if and (kindIs "map" $v.autoscaling) $v.autoscaling.enabled }}
-{{- fail (printf "autoscaling.enabled is not supported (the chart has no HorizontalPodAutoscaler): %s" $noSharing) }}
+{{- if and $nats.url (not (regexMatch "^(nats|tls)://[^\\s]+$" (toString $nats.url))) }}
+{{- fail (printf "clusterNats.url %q is not a nats:// or tls:// URL" (toString $nats.url)) }}
+{{- end }}
+{{- if not (regexMatch "^[^\\s.*>/\\\\]+$" (toString $nats.stream)) }}
+{{- fail (printf "clusterNats.stream %q is not a JetStream stream name (non-empty, without whitespace, '.', '*', '>', '/' or '\\')" (toString $nats.stream)) }}
+{{- end }}
+{{- /* Several replicas only make sense when they share one stream. */}}
+{{- $noSharing := "without cluster mode each replica is its own hub with its own sequence numbers, history and subscribers, so a subscriber would see only the packets that reached its own replica. Set clusterNats.url (or clusterNats.existingSecret) to a NATS server with JetStream, e.g. `helm install nats nats/nats --set config.jetstream.enabled=true` and clusterNats.url=nats://nats:4222" }}
+{{- if not (include "packet-ingest.clusterNatsEnabled" .) }}
+{{- if gt ($v.replicaCount | int) 1 }}
+{{- fail (printf "replicaCount %d needs clusterNats (use 0 or 1 without it): %s" ($v.replicaCount | int) $noSharing) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail (printf "autoscaling.enabled needs clusterNats: %s" $noSharing) }}
+{{- end }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- $as := $v.autoscaling }}
+{{- if lt ($as.minReplicas | int) 1 }}
+{{- fail "autoscaling.minReplicas must be at least 1" }}
+{{- end }}
+{{- if gt ($as.minReplicas | int) ($as.maxReplicas | int) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" ($as.minReplicas | int) ($as.maxReplicas | int)) }}
+{{- end }}
+{{- if and (not $as.targetCPUUtilizationPercentage) (not $as.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- $requests := dict }}
+{{- if and $v.resources $v.resources.requests }}
+{{- $requests = $v.resources.requests }}
+{{- end }}
+{{- if and $as.targetCPUUtilizationPercentage (not $requests.cpu) }}
+{{- fail "autoscaling.targetCPUUtilizationPercentage needs resources.requests.cpu (utilization is a percentage of the request)" }}
+{{- end }}
+{{- if and $as.targetMemoryUtilizationPercentage (not $requests.memory) }}
+{{- fail "autoscaling.targetMemoryUtilizationPercentage needs resources.requests.memory (utilization is a percentage of the request)" }}
+{{- end }}
 {{- end }}
 {{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
 {{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
+{{- end }}
+{{- $fewest := include "packet-ingest.minReplicas" . | int }}
+{{- if and $v.podDisruptionBudget.enabled (gt $fewest 0) }}
+{{- $pdb := $v.podDisruptionBudget }}
+{{- if le (include "packet-ingest.pdbAllowed" (list $pdb $fewest) | int) 0 }}
+{{- $bound := ternary (printf "maxUnavailable %v" $pdb.maxUnavailable) (printf "minAvailable %v" $pdb.minAvailable) (kindIs "invalid" $pdb.minAvailable) }}
+{{- fail (printf "podDisruptionBudget %s allows no eviction with %d replica(s) (%s): node drains would hang. Use maxUnavailable: 1 (the default), or a minAvailable below the replica count" $bound $fewest (ternary "autoscaling.minReplicas" "replicaCount" $v.autoscaling.enabled)) }}
+{{- end }}
 {{- end }}
 {{- if and (gt ($v.preStopSleepSeconds | int) 0) (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail "preStopSleepSeconds needs Kubernetes >= 1.30 (the preStop sleep action)" }}
