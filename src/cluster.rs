@@ -73,7 +73,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("stream", &self.stream).finish()
+        f.debug_struct("Cluster")
+            .field("stream", &self.stream)
+            .finish()
     }
 }
 
@@ -203,7 +205,10 @@ impl Cluster {
                         // A hub batch holds consecutive sequences; a hole
                         // (deleted messages) starts a new batch.
                         if first_sequence.is_some() && sequence != expected {
-                            let full = std::mem::replace(&mut batch, EncodedPacketsBuilder::with_capacity(1, 0));
+                            let full = std::mem::replace(
+                                &mut batch,
+                                EncodedPacketsBuilder::with_capacity(1, 0),
+                            );
                             hub.publish_at(first_sequence, full.finish()).await;
                             first_sequence = None;
                         }
@@ -236,11 +241,16 @@ impl Cluster {
         filter: ChannelFilter,
     ) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
         let cluster = Arc::clone(self);
-        futures::stream::once(async move { cluster.replay_consumer(from, &filter).await.map(|messages| (messages, filter)) })
-            .flat_map(move |opened| match opened {
-                Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
-                Ok((messages, filter)) => replay_deliveries(messages, from, until, filter).boxed(),
-            })
+        futures::stream::once(async move {
+            cluster
+                .replay_consumer(from, &filter)
+                .await
+                .map(|messages| (messages, filter))
+        })
+        .flat_map(move |opened| match opened {
+            Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
+            Ok((messages, filter)) => replay_deliveries(messages, from, until, filter).boxed(),
+        })
     }
 
     async fn replay_consumer(
@@ -251,7 +261,11 @@ impl Cluster {
         let unavailable = |error: &dyn std::fmt::Display| {
             tonic::Status::unavailable(format!("cannot replay from JetStream: {error}; retry"))
         };
-        let stream = self.jetstream.get_stream(&self.stream).await.map_err(|e| unavailable(&e))?;
+        let stream = self
+            .jetstream
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| unavailable(&e))?;
         let filter_subject = match filter.channels() {
             Some([only]) => subject(Channel(*only)),
             _ => String::new(),
@@ -304,15 +318,21 @@ fn replay_deliveries(
                     finished = true;
                     break;
                 }
-                let Some(channel) = channel_of(message.subject.as_str()) else { continue };
+                let Some(channel) = channel_of(message.subject.as_str()) else {
+                    continue;
+                };
                 if sequence > expected && filter.channels().is_none() {
                     delivery.missed += sequence - expected;
                 }
                 expected = sequence + 1;
                 if filter.matches(channel) {
-                    let mut packets = EncodedPacketsBuilder::with_capacity(1, message.payload.len());
+                    let mut packets =
+                        EncodedPacketsBuilder::with_capacity(1, message.payload.len());
                     packets.push_encoded(channel, &message.payload);
-                    let batch = Arc::new(SequencedBatch { first_sequence: sequence, packets: packets.finish() });
+                    let batch = Arc::new(SequencedBatch {
+                        first_sequence: sequence,
+                        packets: packets.finish(),
+                    });
                     delivery.encoded_len += batch.record_len(0);
                     delivery.segments.push(Segment { batch, range: 0..1 });
                 }
@@ -351,12 +371,24 @@ impl ClusterPublisher {
     /// Sends every accepted packet of `batch`; waits only when too many acks are outstanding.
     pub async fn publish(&mut self, batch: &VerifiedBatch) -> Result<(), ClusterError> {
         for index in 0..batch.accepted.len() {
-            let source_sequence = batch.accepted_source_sequences.get(index).copied().unwrap_or_default();
-            let message_id = format!("{:x}.{}.{}", self.cluster.instance, self.connection, source_sequence);
+            let source_sequence = batch
+                .accepted_source_sequences
+                .get(index)
+                .copied()
+                .unwrap_or_default();
+            let message_id = format!(
+                "{:x}.{}.{}",
+                self.cluster.instance, self.connection, source_sequence
+            );
             let subject = subject(batch.accepted.channel(index));
             let body = batch.accepted.body_bytes(index);
             let ack = self.send(&subject, &message_id, body.clone()).await?;
-            self.in_flight.push_back(Pending { ack, subject, message_id, body });
+            self.in_flight.push_back(Pending {
+                ack,
+                subject,
+                message_id,
+                body,
+            });
             while self.in_flight.len() > MAX_IN_FLIGHT {
                 self.settle_oldest().await?;
             }
@@ -372,7 +404,12 @@ impl ClusterPublisher {
         Ok(self.last_sequence)
     }
 
-    async fn send(&self, subject: &str, message_id: &str, body: Bytes) -> Result<PublishAckFuture, ClusterError> {
+    async fn send(
+        &self,
+        subject: &str,
+        message_id: &str,
+        body: Bytes,
+    ) -> Result<PublishAckFuture, ClusterError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, message_id);
         self.cluster
@@ -395,7 +432,10 @@ impl ClusterPublisher {
             tracing::debug!(%error, attempt, "JetStream publish not acknowledged; retrying with the same id");
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
             attempt += 1;
-            outcome = match self.send(&pending.subject, &pending.message_id, pending.body.clone()).await {
+            outcome = match self
+                .send(&pending.subject, &pending.message_id, pending.body.clone())
+                .await
+            {
                 Ok(ack) => ack.await.map_err(|error| error.to_string()),
                 Err(error) => Err(error.to_string()),
             };

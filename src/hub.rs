@@ -232,7 +232,11 @@ impl Hub {
     /// Like `publish`, but the batch's first sequence is given (cluster mode:
     /// the JetStream stream sequence). A sequence past the next one leaves a
     /// gap (messages deleted from the stream); one before it is moved up.
-    pub async fn publish_at(&self, first_sequence: Option<u64>, packets: EncodedPackets) -> Range<u64> {
+    pub async fn publish_at(
+        &self,
+        first_sequence: Option<u64>,
+        packets: EncodedPackets,
+    ) -> Range<u64> {
         if packets.is_empty() {
             let next = self.next_sequence();
             return next..next;
@@ -317,7 +321,8 @@ impl Hub {
         bytes: usize,
         protect_from: Option<u64>,
     ) -> Range<u64> {
-        let first = first_sequence.map_or(ring.next_sequence, |first| first.max(ring.next_sequence));
+        let first =
+            first_sequence.map_or(ring.next_sequence, |first| first.max(ring.next_sequence));
         let count = packets.len() as u64;
         ring.batches.push_back(Stored {
             batch: Arc::new(SequencedBatch {

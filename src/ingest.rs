@@ -21,8 +21,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    frame::{FrameDecoder, FrameLimits},
     cluster::{Destination, Outlet},
+    frame::{FrameDecoder, FrameLimits},
     metrics::Metrics,
     verify::{FrameBatch, OrderedPipeline, VerifiedBatch, VerifyPool},
 };

@@ -324,8 +324,14 @@ async fn lifecycle(parts: Lifecycle) {
     if let Some((cluster, stop_feed, feed_task)) = parts.cluster {
         // What this replica stored must reach its own subscribers before they end.
         if let Ok(target) = cluster.next_sequence().await {
-            if tokio::time::timeout_at(deadline, parts.hub.wait_for_sequence(target)).await.is_err() {
-                tracing::warn!(target, "cluster feed did not catch up before the grace deadline");
+            if tokio::time::timeout_at(deadline, parts.hub.wait_for_sequence(target))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    target,
+                    "cluster feed did not catch up before the grace deadline"
+                );
             }
         }
         stop_feed.cancel();
