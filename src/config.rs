@@ -33,6 +33,8 @@ pub enum Command {
     Tail(crate::tools::TailArgs),
     /// Exit 0 if the server's gRPC health check answers SERVING.
     Health(crate::tools::HealthArgs),
+    /// Load generator and checker: producers, subscribers, rates, losses, latency (or NATS).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

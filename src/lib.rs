@@ -25,9 +25,11 @@
 //! - [`limits`]: tower middleware of our own (unary deadline).
 //! - [`server`]: assembly, health, reflection, tower limits, graceful shutdown.
 //! - [`tools`]: the `send`, `tail` and `health` subcommands.
+//! - [`bench`]: the `bench` load generator and checker (packet-ingest or NATS).
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod error;

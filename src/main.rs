@@ -41,6 +41,7 @@ fn main() {
             Some(Command::Send(args)) => report(tools::send(args).await.map(|()| true)),
             Some(Command::Tail(args)) => report(tools::tail(args).await.map(|()| true)),
             Some(Command::Health(args)) => report(tools::health(args).await),
+            Some(Command::Bench(args)) => report(packet_ingest::bench::run(args).await),
         }
     });
     std::process::exit(code);
