@@ -31,7 +31,7 @@ use crate::{
 const READ_CHUNK: usize = 256 * 1024;
 /// Wire bytes per verification batch: small enough that one connection's
 /// batches spread over every pool thread, big enough to amortise dispatch.
-const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Everything a connection task needs, shared by all of them.
 #[derive(Clone)]

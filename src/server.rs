@@ -12,7 +12,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceBuilder;
 
@@ -211,7 +210,6 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         grpc_builder = grpc_builder.tls_config(tls.grpc.clone())?;
     }
     let grpc_server = grpc_builder
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(args.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(args.http2_keepalive_timeout))
         .layer(limits)
@@ -224,7 +222,9 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
                 .max_encoding_message_size(max_message.max(MAX_DELIVERY_BYTES) * 2),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            // With our own listener tonic ignores `tcp_nodelay`: set it here, or
+            // Nagle holds small responses back (up to 40 ms).
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             stop_grpc.clone().cancelled_owned(),
         );
     let grpc_task = tokio::spawn(async move {

@@ -86,7 +86,7 @@ impl Verifier {
             hasher.update(frame.signed_header);
             hasher.update(&frame.payload);
             let computed: [u8; 32] = hasher.finalize().into();
-            return match bool::from(computed.ct_eq(&frame.digest.0)) {
+            return match digests_equal(&computed, &frame.digest.0) {
                 true => Ok(()),
                 false => Err(Rejection::DigestMismatch),
             };
@@ -101,6 +101,14 @@ impl Verifier {
         mac.verify_slice(&frame.digest.0)
             .map_err(|_| Rejection::DigestMismatch)
     }
+}
+
+/// Constant-time equality of two digests: every byte pair is XOR-folded
+/// without branching and only the folded value is compared (with `subtle`),
+/// several times cheaper than a byte-wise black-boxed comparison.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    difference.ct_eq(&0).into()
 }
 
 /// The digest a producer sends for `frame`'s header and payload with `key`.
