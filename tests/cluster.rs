@@ -9,7 +9,7 @@ mod common;
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use common::*;
+use common::{process::Process, *};
 use packet_ingest::pb::{Packet, SubscribeResponse};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -194,28 +194,8 @@ async fn packets_stored_by_a_killed_replica_still_reach_the_other() {
     };
     let b = replica(&nats).await;
     let mut on_b = subscribe(&b, vec![], None).await;
-    let mut a = Command::new(env!("CARGO_BIN_EXE_packet-ingest"))
-        .args(LOOPBACK_ADDRS)
-        .args(["--log-format", "json", "--cluster-nats", &nats.url])
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn replica A");
-    let mut lines = BufReader::new(a.stderr.take().expect("stderr")).lines();
-    let a_ingest: std::net::SocketAddr = loop {
-        let line = lines.next_line().await.expect("log").expect("A is running");
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if entry["fields"]["message"] == "packet-ingest listening" {
-            break entry["fields"]["ingest_addr"]
-                .as_str()
-                .expect("addr")
-                .parse()
-                .expect("addr");
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut a = Process::spawn(&["--cluster-nats", &nats.url]).await;
+    let a_ingest = a.ingest;
     let producer = tokio::spawn(async move {
         let Ok(mut stream) = tokio::net::TcpStream::connect(a_ingest).await else {
             return;
@@ -224,7 +204,7 @@ async fn packets_stored_by_a_killed_replica_still_reach_the_other() {
     });
     // Kill A mid-stream, once B has seen some of its packets.
     collect(&mut on_b, 1000).await;
-    a.kill().await.expect("kill A");
+    a.child.kill().await.expect("kill A");
     producer.abort();
     let stored = {
         let client = async_nats::connect(&nats.url).await.expect("nats");

@@ -1,6 +1,8 @@
 //! Test harness: starts the real server on 127.0.0.1:0 and talks to it over sockets.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{collections::HashMap, time::Duration};
 
 use bytes::{Bytes, BytesMut};
