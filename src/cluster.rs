@@ -26,7 +26,7 @@ use async_nats::{
     header::{HeaderMap, NATS_MESSAGE_ID},
     jetstream::{
         self,
-        consumer::{pull::OrderedConfig, DeliverPolicy},
+        consumer::{push, DeliverPolicy},
         context::PublishAckFuture,
         stream::{Config as StreamConfig, StorageType},
     },
@@ -177,7 +177,8 @@ impl Cluster {
     ) -> Result<(), async_nats::Error> {
         let stream = self.jetstream.get_stream(&self.stream).await?;
         let consumer = stream
-            .create_consumer(OrderedConfig {
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.jetstream.client().new_inbox(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: *next,
                 },
@@ -257,7 +258,7 @@ impl Cluster {
         &self,
         from: u64,
         filter: &ChannelFilter,
-    ) -> Result<async_nats::jetstream::consumer::pull::Ordered, tonic::Status> {
+    ) -> Result<push::Ordered, tonic::Status> {
         let unavailable = |error: &dyn std::fmt::Display| {
             tonic::Status::unavailable(format!("cannot replay from JetStream: {error}; retry"))
         };
@@ -271,7 +272,8 @@ impl Cluster {
             _ => String::new(),
         };
         let consumer = stream
-            .create_consumer(OrderedConfig {
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.jetstream.client().new_inbox(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },
@@ -286,7 +288,7 @@ impl Cluster {
 
 /// Turns replayed messages into deliveries, stopping at `until` or the stream's end.
 fn replay_deliveries(
-    messages: async_nats::jetstream::consumer::pull::Ordered,
+    messages: push::Ordered,
     from: u64,
     until: u64,
     filter: ChannelFilter,
