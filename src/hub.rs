@@ -27,7 +27,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::{
     metrics::Metrics,
-    wire::{ChannelFilter, Delivery, EncodedPackets, Segment, SequencedBatch},
+    wire::{ChannelFilter, Delivery, EncodedPackets, SequencedBatch},
 };
 
 /// What happens to a subscriber that falls further behind than the hub retains.
@@ -446,179 +446,6 @@ impl Hub {
     }
 }
 
-/// One subscriber's cursor into the hub. Dropping it releases everything at once.
-pub struct Subscription {
-    hub: Arc<Hub>,
-    slot: Arc<Slot>,
-    cursor: u64,
-    pending_missed: u64,
-    /// Filtered subscribers: packets of their channels with sequence < cursor.
-    matched_before_cursor: u64,
-    filter: ChannelFilter,
-    head: watch::Receiver<u64>,
-}
-
-enum Take {
-    Ready(Delivery),
-    Empty,
-    End(SubscriptionEnd),
-}
-
-impl Subscription {
-    /// The next batch for this subscriber, or `Idle` if none came within
-    /// `heartbeat` (counted from this call, i.e. from the previous response, so
-    /// packets this subscriber filters out do not postpone its heartbeat).
-    pub async fn next(&mut self, heartbeat: Duration) -> Next {
-        let deadline = tokio::time::Instant::now() + heartbeat;
-        loop {
-            self.head.borrow_and_update();
-            match self.take() {
-                Take::Ready(delivery) => return Next::Delivery(delivery),
-                Take::End(end) => return Next::End(end),
-                Take::Empty => {}
-            }
-            match tokio::time::timeout_at(deadline, self.head.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Next::End(SubscriptionEnd::ShuttingDown),
-                Err(_) => return Next::Idle,
-            }
-        }
-    }
-
-    /// Takes what is ready without waiting; skips packets the filter excludes.
-    fn take(&mut self) -> Take {
-        let max_bytes = self.hub.config.max_delivery_bytes;
-        loop {
-            let batches = {
-                let ring = self.hub.lock();
-                if self.slot.kicked.load(Ordering::Acquire) {
-                    return Take::End(SubscriptionEnd::Stuck(self.hub.config.block_timeout));
-                }
-                let oldest = ring.oldest_sequence();
-                if self.cursor < oldest {
-                    let behind = ring.next_sequence - self.cursor;
-                    if self.hub.config.policy == SlowSubscriberPolicy::Disconnect {
-                        return Take::End(SubscriptionEnd::Lagged {
-                            behind,
-                            retained: ring.retained_packets,
-                        });
-                    }
-                    let lost = match self.filter.channels() {
-                        None => oldest - self.cursor,
-                        Some(_) => {
-                            let evicted = ring.evicted_matching(&self.filter);
-                            let lost = evicted.saturating_sub(self.matched_before_cursor);
-                            self.matched_before_cursor = evicted;
-                            lost
-                        }
-                    };
-                    self.pending_missed += lost;
-                    self.hub.metrics.packets_missed.inc_by(lost);
-                    self.cursor = oldest;
-                }
-                if self.cursor >= ring.next_sequence {
-                    return match ring.closed {
-                        true => Take::End(SubscriptionEnd::ShuttingDown),
-                        false => Take::Empty,
-                    };
-                }
-                // Clone the few batches this response can use; the exact walk
-                // (filter, size cap) happens after the lock is released.
-                let cursor = self.cursor;
-                let start = ring
-                    .batches
-                    .partition_point(|stored| stored.batch.end_sequence() <= cursor);
-                let mut approx = 0;
-                let mut batches = Vec::new();
-                for stored in ring.batches.range(start..) {
-                    if approx >= max_bytes {
-                        break;
-                    }
-                    approx += stored.bytes;
-                    batches.push(Arc::clone(&stored.batch));
-                }
-                batches
-            };
-            let delivery = self.collect(batches, max_bytes);
-            self.slot.cursor.store(self.cursor, Ordering::Release);
-            if self.hub.config.policy == SlowSubscriberPolicy::Block {
-                self.hub.progress.notify_waiters();
-            }
-            if let Some(delivery) = delivery {
-                return Take::Ready(delivery);
-            }
-        }
-    }
-
-    /// Walks `batches` from the cursor, up to `max_bytes` of matching packets.
-    fn collect(&mut self, batches: Vec<Arc<SequencedBatch>>, max_bytes: usize) -> Option<Delivery> {
-        let mut delivery = Delivery {
-            filter: self.filter.clone(),
-            ..Delivery::default()
-        };
-        let mut matched = 0u64;
-        for batch in batches {
-            // Sequences between batches that were never assigned are skipped, not missed.
-            self.cursor = self.cursor.max(batch.first_sequence);
-            let start = (self.cursor - batch.first_sequence) as usize;
-            let mut end = start;
-            while end < batch.packets.len() {
-                if self.filter.matches(batch.packets.channel(end)) {
-                    let len = batch.record_len(end);
-                    if delivery.encoded_len > 0 && delivery.encoded_len + len > max_bytes {
-                        break;
-                    }
-                    delivery.encoded_len += len;
-                    matched += 1;
-                }
-                end += 1;
-            }
-            self.cursor = batch.first_sequence + end as u64;
-            let full = end < batch.packets.len();
-            if end > start {
-                delivery.segments.push(Segment {
-                    batch,
-                    range: start..end,
-                });
-            }
-            if full {
-                break;
-            }
-        }
-        self.matched_before_cursor += matched;
-        if matched == 0 {
-            return None;
-        }
-        self.hub.metrics.packets_delivered.inc_by(matched);
-        delivery.missed = std::mem::take(&mut self.pending_missed);
-        Some(delivery)
-    }
-
-    /// Packets lost but not yet reported (reported with the next delivery).
-    pub fn pending_missed(&self) -> u64 {
-        self.pending_missed
-    }
-
-    /// The sequence this subscription will deliver next.
-    pub fn cursor(&self) -> u64 {
-        self.cursor
-    }
-
-    pub fn filter(&self) -> &ChannelFilter {
-        &self.filter
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut ring = self.hub.lock();
-        ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
-        drop(ring);
-        self.hub.metrics.subscribers.dec();
-        self.hub.progress.notify_waiters();
-    }
-}
-
 /// Adds each packet of `packets` to its channel's count (runs of one channel
 /// cost one map update).
 fn count_by_channel(packets: &EncodedPackets, counts: &mut HashMap<u32, u64>) {
@@ -638,6 +465,9 @@ fn count_by_channel(packets: &EncodedPackets, counts: &mut HashMap<u32, u64>) {
         *counts.entry(channel).or_default() += length;
     }
 }
+
+mod subscription;
+pub use subscription::Subscription;
 
 #[cfg(test)]
 mod tests;
