@@ -123,37 +123,15 @@ async fn resume_older_than_retained_starts_at_oldest_and_reports_missed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gap_policy_reports_exact_missed_and_leaves_others_untouched() {
-    let server = start(&[
-        "--history",
-        "500",
-        "--subscriber-buffer",
-        "500",
-        "--memory-limit",
-        "2MiB",
-    ])
-    .await;
-    let mut stalled = subscribe(&server, vec![], None).await;
-    let mut live = subscribe(&server, vec![], None).await;
-    let (rounds, per_round) = (40, 500);
-    let total = (rounds * per_round) as u64;
-    let received = send_paced(&server, &mut live, rounds, per_round, 1024).await;
-    assert_eq!(received.len() as u64, total);
-    // Now read the stalled one: what it got plus what it was told it missed is everything.
-    let (packets, missed, status) = drain(&mut stalled, total).await;
-    assert!(status.is_none(), "gap never ends the stream: {status:?}");
-    assert!(missed > 0, "the stalled subscriber must have lost packets");
-    assert_eq!(packets.len() as u64 + missed, total);
-    assert_ordered(&packets);
-    assert_eq!(packets.last().map(|p| p.sequence), Some(total));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_policy_ends_stalled_stream_with_resource_exhausted() {
+/// One stalled and one live subscriber under `policy`; 20,000 packets of 1 KiB
+/// are sent paced to the live one (so it never lags), then the stalled one is
+/// read to its end: its packets, total `missed`, and final status.
+async fn stalled_next_to_live(
+    policy: &str,
+) -> (Vec<packet_ingest::pb::Packet>, u64, Option<tonic::Status>) {
     let server = start(&[
         "--slow-subscriber",
-        "disconnect",
+        policy,
         "--history",
         "500",
         "--subscriber-buffer",
@@ -166,7 +144,24 @@ async fn disconnect_policy_ends_stalled_stream_with_resource_exhausted() {
     let mut live = subscribe(&server, vec![], None).await;
     let received = send_paced(&server, &mut live, 40, 500, 1024).await;
     assert_eq!(received.len(), 20_000);
-    let (packets, missed, status) = drain(&mut stalled, 20_000).await;
+    drain(&mut stalled, 20_000).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_policy_reports_exact_missed_and_leaves_others_untouched() {
+    let total = 20_000;
+    // What the stalled one got plus what it was told it missed is everything.
+    let (packets, missed, status) = stalled_next_to_live("gap").await;
+    assert!(status.is_none(), "gap never ends the stream: {status:?}");
+    assert!(missed > 0, "the stalled subscriber must have lost packets");
+    assert_eq!(packets.len() as u64 + missed, total);
+    assert_ordered(&packets);
+    assert_eq!(packets.last().map(|p| p.sequence), Some(total));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_policy_ends_stalled_stream_with_resource_exhausted() {
+    let (packets, missed, status) = stalled_next_to_live("disconnect").await;
     let status = status.expect("stream ends with an error");
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("behind"), "{}", status.message());
