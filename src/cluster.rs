@@ -14,7 +14,6 @@
 //! replayed from the stream.
 
 use std::{
-    collections::VecDeque,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -22,23 +21,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use async_nats::{
-    header::{HeaderMap, NATS_MESSAGE_ID},
-    jetstream::{
-        self,
-        consumer::{push, DeliverPolicy},
-        context::PublishAckFuture,
-        stream::{Config as StreamConfig, StorageType},
-    },
+use async_nats::jetstream::{
+    self,
+    consumer::{push, DeliverPolicy},
+    stream::{Config as StreamConfig, StorageType},
 };
-use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     frame::Channel,
     hub::Hub,
-    verify::VerifiedBatch,
     wire::{ChannelFilter, Delivery, EncodedPacketsBuilder, Segment, SequencedBatch},
 };
 
@@ -144,12 +137,10 @@ impl Cluster {
 
     /// Publisher state for one producer connection or Publish stream.
     pub fn publisher(self: &Arc<Self>) -> ClusterPublisher {
-        ClusterPublisher {
-            cluster: Arc::clone(self),
-            connection: self.next_connection.fetch_add(1, Ordering::Relaxed),
-            in_flight: VecDeque::new(),
-            last_sequence: None,
-        }
+        ClusterPublisher::new(
+            Arc::clone(self),
+            self.next_connection.fetch_add(1, Ordering::Relaxed),
+        )
     }
 
     /// Feeds the local hub from the stream, starting at `next`, until `stop`.
@@ -354,100 +345,8 @@ fn replay_deliveries(
     })
 }
 
-/// Per-connection publishing: pipelined, acknowledged in order, retried by id.
-pub struct ClusterPublisher {
-    cluster: Arc<Cluster>,
-    connection: u64,
-    in_flight: VecDeque<Pending>,
-    last_sequence: Option<u64>,
-}
-
-struct Pending {
-    ack: PublishAckFuture,
-    subject: String,
-    message_id: String,
-    body: Bytes,
-}
-
-impl ClusterPublisher {
-    /// Sends every accepted packet of `batch`; waits only when too many acks are outstanding.
-    pub async fn publish(&mut self, batch: &VerifiedBatch) -> Result<(), ClusterError> {
-        for index in 0..batch.accepted.len() {
-            let source_sequence = batch
-                .accepted_source_sequences
-                .get(index)
-                .copied()
-                .unwrap_or_default();
-            let message_id = format!(
-                "{:x}.{}.{}",
-                self.cluster.instance, self.connection, source_sequence
-            );
-            let subject = subject(batch.accepted.channel(index));
-            let body = batch.accepted.body_bytes(index);
-            let ack = self.send(&subject, &message_id, body.clone()).await?;
-            self.in_flight.push_back(Pending {
-                ack,
-                subject,
-                message_id,
-                body,
-            });
-            while self.in_flight.len() > MAX_IN_FLIGHT {
-                self.settle_oldest().await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits for every outstanding ack; returns the last stored sequence.
-    pub async fn finish(&mut self) -> Result<Option<u64>, ClusterError> {
-        while !self.in_flight.is_empty() {
-            self.settle_oldest().await?;
-        }
-        Ok(self.last_sequence)
-    }
-
-    async fn send(
-        &self,
-        subject: &str,
-        message_id: &str,
-        body: Bytes,
-    ) -> Result<PublishAckFuture, ClusterError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, message_id);
-        self.cluster
-            .jetstream
-            .publish_with_headers(subject.to_owned(), headers, body)
-            .await
-            .map_err(|error| ClusterError::Publish(error.to_string()))
-    }
-
-    async fn settle_oldest(&mut self) -> Result<(), ClusterError> {
-        let Some(pending) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        let mut outcome = pending.ack.await.map_err(|error| error.to_string());
-        let mut attempt = 1;
-        while let Err(error) = &outcome {
-            if attempt >= PUBLISH_ATTEMPTS {
-                return Err(ClusterError::Publish(error.clone()));
-            }
-            tracing::debug!(%error, attempt, "JetStream publish not acknowledged; retrying with the same id");
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            attempt += 1;
-            outcome = match self
-                .send(&pending.subject, &pending.message_id, pending.body.clone())
-                .await
-            {
-                Ok(ack) => ack.await.map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-        }
-        if let Ok(ack) = outcome {
-            self.last_sequence = Some(ack.sequence);
-        }
-        Ok(())
-    }
-}
+mod publish;
+pub use publish::{ClusterPublisher, Destination, Outlet};
 
 #[cfg(test)]
 mod tests {
@@ -459,58 +358,5 @@ mod tests {
         assert_eq!(channel_of("packetingest.42"), Some(Channel(42)));
         assert_eq!(channel_of("packetingest.x"), None);
         assert_eq!(channel_of("other.1"), None);
-    }
-}
-
-/// Where verified packets go: the local hub, or the shared JetStream stream.
-#[derive(Clone)]
-pub enum Destination {
-    Hub(Arc<Hub>),
-    Cluster(Arc<Cluster>),
-}
-
-impl Destination {
-    /// Per-connection publishing state.
-    pub fn outlet(&self) -> Outlet {
-        match self {
-            Destination::Hub(hub) => Outlet::Hub {
-                hub: Arc::clone(hub),
-                last_sequence: None,
-            },
-            Destination::Cluster(cluster) => Outlet::Cluster(cluster.publisher()),
-        }
-    }
-}
-
-/// One producer's way into the hub (directly or through JetStream), in order.
-pub enum Outlet {
-    Hub {
-        hub: Arc<Hub>,
-        last_sequence: Option<u64>,
-    },
-    Cluster(ClusterPublisher),
-}
-
-impl Outlet {
-    /// Publishes a verified batch's accepted packets. May wait: that is backpressure.
-    pub async fn publish(&mut self, batch: VerifiedBatch) -> Result<(), ClusterError> {
-        match self {
-            Outlet::Hub { hub, last_sequence } => {
-                let range = hub.publish(batch.accepted).await;
-                if !range.is_empty() {
-                    *last_sequence = Some(range.end - 1);
-                }
-                Ok(())
-            }
-            Outlet::Cluster(publisher) => publisher.publish(&batch).await,
-        }
-    }
-
-    /// Waits until everything published is stored; the last sequence assigned.
-    pub async fn finish(&mut self) -> Result<Option<u64>, ClusterError> {
-        match self {
-            Outlet::Hub { last_sequence, .. } => Ok(*last_sequence),
-            Outlet::Cluster(publisher) => publisher.finish().await,
-        }
     }
 }
