@@ -18,7 +18,7 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt as _;
 use packet_ingest::{
     frame::{sha256_frame, Channel},
-    pb::{packets_client::PacketsClient, PublishRequest},
+    pb::packets_client::PacketsClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Request;
@@ -107,14 +107,10 @@ async fn publish(args: &Args) -> Result<serde_json::Value, String> {
     let channel = args.channel;
     let size = args.size;
     let requests = futures::stream::iter(args.start..args.start + args.count).map(move |index| {
-        let payload = payload(channel, index, size);
-        let frame = sha256_frame(Channel(channel), payload.clone());
-        PublishRequest {
-            channel,
-            payload,
-            digest: Bytes::copy_from_slice(&frame.digest.0),
-            hmac: false,
-        }
+        packet_ingest::tools::publish_request(&sha256_frame(
+            Channel(channel),
+            payload(channel, index, size),
+        ))
     });
     let mut request = Request::new(requests);
     if let Some(path) = &args.token_file {

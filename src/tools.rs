@@ -184,6 +184,16 @@ pub fn make_frame(channel: Channel, payload: Bytes, hmac_key: Option<&[u8]>) -> 
     }
 }
 
+/// The Publish request carrying exactly what `frame` carries on the TCP port.
+pub fn publish_request(frame: &Frame) -> crate::pb::PublishRequest {
+    crate::pb::PublishRequest {
+        channel: frame.channel().0,
+        payload: frame.payload.clone(),
+        digest: Bytes::copy_from_slice(&frame.digest.0),
+        hmac: frame.is_hmac(),
+    }
+}
+
 /// Cuts `input` into payloads as `split` says.
 pub fn split_input(input: &[u8], split: Split, chunk_size: usize) -> Vec<Bytes> {
     let input = Bytes::copy_from_slice(input);

@@ -301,13 +301,7 @@ async fn idle_stream_gets_heartbeats() {
 }
 
 fn publish_request(channel: u32, payload: Bytes) -> PublishRequest {
-    let frame = sha256_frame(Channel(channel), payload.clone());
-    PublishRequest {
-        channel,
-        payload,
-        digest: Bytes::copy_from_slice(&frame.digest.0),
-        hmac: false,
-    }
+    packet_ingest::tools::publish_request(&sha256_frame(Channel(channel), payload))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

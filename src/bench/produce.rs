@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use futures::{future, stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -77,13 +77,7 @@ pub(crate) fn put_frame(
 fn publish_request(channel: u32, size: usize, sent_unix_nanos: u64, index: u64) -> PublishRequest {
     let mut payload = BytesMut::with_capacity(size);
     put_payload(&mut payload, size, sent_unix_nanos, index);
-    let frame = make_frame(Channel(channel), payload.freeze(), None);
-    PublishRequest {
-        channel,
-        payload: frame.payload,
-        digest: Bytes::copy_from_slice(&frame.digest.0),
-        hmac: false,
-    }
+    crate::tools::publish_request(&make_frame(Channel(channel), payload.freeze(), None))
 }
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
