@@ -6,12 +6,11 @@
 //! - `hub_fanout/N`: one batch of 64 packets published, then taken by each of
 //!   N subscribers (`Subscription::next`). Building the batch is setup, not
 //!   measured; encoding is measured separately below.
-//! - `encode_*`: one `SubscribeResponse` of 256 packets, written by
-//!   `wire::DeliveryEncoder` through tonic's own `EncodeBody` (tonic's
-//!   `EncodeBuf` cannot be built outside tonic, so the real encoder is driven
-//!   the way the server drives it), next to prost encoding the same packets as
-//!   `pb::SubscribeResponse` — what each subscriber would cost without the
-//!   encode-once design.
+//! - `encode_*`: one `SubscribeResponse` of 256 packets: numbering a batch
+//!   (`stamp`, once per batch for all subscribers), building a subscriber's
+//!   response from shared slices (`shared_delivery`, per subscriber), next to
+//!   prost encoding the same packets as `pb::SubscribeResponse` — what each
+//!   subscriber would cost without the encode-once design.
 
 use std::{
     sync::Arc,
@@ -19,16 +18,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http_body_util::BodyExt;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use packet_ingest::{
     frame::Channel,
     hub::{Hub, HubConfig, Next, SlowSubscriberPolicy, Subscription},
     metrics::Metrics,
     pb,
     wire::{
-        ChannelFilter, Delivery, DeliveryEncoder, EncodedPackets, EncodedPacketsBuilder,
-        PacketFields, Segment, SequencedBatch,
+        ChannelFilter, Delivery, EncodedPackets, EncodedPacketsBuilder, PacketFields,
+        SequencedBatch,
     },
 };
 use prost::Message;
@@ -41,7 +39,8 @@ const ROUND: u64 = 256;
 
 fn encoded_batch(packets: usize, payload_size: usize) -> EncodedPackets {
     let payload = vec![0xA5u8; payload_size];
-    let mut builder = EncodedPacketsBuilder::with_capacity(packets, packets * (payload_size + 80));
+    let mut builder =
+        EncodedPacketsBuilder::with_capacity(packets, packets * (payload_size + 80), 1_000_000);
     for index in 0..packets {
         builder.push(&PacketFields {
             channel: Channel(1),
@@ -70,7 +69,7 @@ fn hub() -> Arc<Hub> {
 
 async fn take(subscription: &mut Subscription) -> usize {
     match subscription.next(Duration::from_secs(5)).await {
-        Next::Delivery(delivery) => delivery.encoded_len,
+        Next::Delivery(delivery) => delivery.records_len(),
         other => panic!("expected a delivery, got {other:?}"),
     }
 }
@@ -118,42 +117,16 @@ fn hub_fanout(c: &mut Criterion) {
     group.finish();
 }
 
-fn delivery(batch: &Arc<SequencedBatch>) -> Delivery {
-    let range = 0..batch.packets.len();
-    Delivery {
-        missed: 0,
-        encoded_len: range.clone().map(|index| batch.record_len(index)).sum(),
-        segments: vec![Segment {
-            batch: Arc::clone(batch),
-            range,
-        }],
-        filter: ChannelFilter::default(),
-    }
-}
-
-/// Runs `DeliveryEncoder` through tonic's `EncodeBody`, as the server does.
-async fn encode_with_tonic(delivery: Delivery) -> usize {
-    let source = futures::stream::iter([Ok(delivery)]);
-    let body = tonic::codec::EncodeBody::new_client(DeliveryEncoder, source, None, None);
-    let mut body = std::pin::pin!(body);
-    let mut bytes = 0;
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(data) = frame.into_data() {
-            bytes += data.len();
-        }
-    }
-    bytes
+/// A subscriber's whole response: slices of the shared batch behind a prefix.
+fn shared_delivery(batch: &SequencedBatch) -> usize {
+    let mut delivery = Delivery::default();
+    delivery.push(batch.records(0..batch.len()), batch.len());
+    delivery.into_chunks().map(|chunk| chunk.len()).sum()
 }
 
 fn encoding(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
     for (size, label) in [(64usize, "64B"), (1024, "1KiB")] {
-        let batch = Arc::new(SequencedBatch {
-            first_sequence: 1_000_000,
-            packets: encoded_batch(ENCODE_BATCH, size),
-        });
+        let batch = encoded_batch(ENCODE_BATCH, size).stamp(1_000_000);
         let packets: Vec<pb::Packet> = (0..ENCODE_BATCH)
             .map(|index| pb::Packet {
                 sequence: 1_000_000 + index as u64,
@@ -167,9 +140,14 @@ fn encoding(c: &mut Criterion) {
             .collect();
         let mut group = c.benchmark_group(format!("encode_{label}"));
         group.throughput(Throughput::Elements(ENCODE_BATCH as u64));
-        group.bench_function("delivery_encoder", |b| {
-            b.iter(|| runtime.block_on(encode_with_tonic(delivery(&batch))))
+        group.bench_function("stamp", |b| {
+            b.iter_batched(
+                || encoded_batch(ENCODE_BATCH, size),
+                |packets| packets.stamp(1_000_000).len(),
+                BatchSize::LargeInput,
+            )
         });
+        group.bench_function("shared_delivery", |b| b.iter(|| shared_delivery(&batch)));
         group.bench_function("prost_subscribe_response", |b| {
             b.iter(|| {
                 // What a per-subscriber prost encode would do: build and encode.

@@ -77,9 +77,10 @@ fn verification(c: &mut Criterion) {
         let batch = FrameBatch {
             frames: frames.clone(),
             received_unix_nanos: 1,
+            charge: None,
         };
         group.bench_function("verify_batch", |b| {
-            b.iter(|| verify_batch(&verifier, SOURCE, 0, &batch))
+            b.iter(|| verify_batch(&verifier, SOURCE, 0, &batch, 1_000_000))
         });
         group.bench_function("raw_sha2", |b| {
             b.iter(|| {

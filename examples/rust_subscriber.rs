@@ -102,6 +102,7 @@ async fn run(args: &Args, progress: &mut Progress) -> Result<u8, String> {
     let mut request = Request::new(SubscribeRequest {
         channels: args.channels.clone(),
         from_sequence: args.from_sequence,
+        ..Default::default()
     });
     if let Some(value) = bearer(&args.token_file)? {
         request.metadata_mut().insert("authorization", value);

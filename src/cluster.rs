@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     frame::Channel,
     hub::Hub,
-    wire::{ChannelFilter, Delivery, EncodedPacketsBuilder, Segment, SequencedBatch},
+    wire::{ChannelFilter, Delivery, EncodedPacketsBuilder},
 };
 
 pub const SUBJECT_PREFIX: &str = "packetingest";
@@ -135,6 +135,28 @@ impl Cluster {
         Ok(info.state.last_sequence + 1)
     }
 
+    /// The stream's identity (SPEC §7): its name and creation time, so a
+    /// stream deleted and created again under the same name is another stream.
+    pub async fn identity(&self) -> Result<crate::grpc::StreamIdentity, ClusterError> {
+        let stream_error = |error: &dyn std::fmt::Display| ClusterError::Stream {
+            stream: self.stream.clone(),
+            message: error.to_string(),
+        };
+        let mut stream = self
+            .jetstream
+            .get_stream(&self.stream)
+            .await
+            .map_err(|error| stream_error(&error))?;
+        let info = stream.info().await.map_err(|error| stream_error(&error))?;
+        let created = info.created.unix_timestamp_nanos();
+        let mut id = format!("js-{}-{created:x}", self.stream);
+        id.truncate(64);
+        Ok(crate::grpc::StreamIdentity {
+            id: Arc::from(id),
+            durable: true,
+        })
+    }
+
     /// Publisher state for one producer connection or Publish stream.
     pub fn publisher(self: &Arc<Self>) -> ClusterPublisher {
         ClusterPublisher::new(
@@ -185,7 +207,7 @@ impl Cluster {
             let Some(first) = first else {
                 return Err("consumer stream ended".into());
             };
-            let mut batch = EncodedPacketsBuilder::with_capacity(1, 0);
+            let mut batch = EncodedPacketsBuilder::with_capacity(1, 0, *next);
             let mut first_sequence = None;
             let mut expected = 0;
             let mut pending_message = Some(first);
@@ -199,13 +221,13 @@ impl Cluster {
                         if first_sequence.is_some() && sequence != expected {
                             let full = std::mem::replace(
                                 &mut batch,
-                                EncodedPacketsBuilder::with_capacity(1, 0),
+                                EncodedPacketsBuilder::with_capacity(1, 0, sequence),
                             );
                             hub.publish_at(first_sequence, full.finish()).await;
                             first_sequence = None;
                         }
                         first_sequence.get_or_insert(sequence);
-                        batch.push_encoded(channel, &message.payload);
+                        batch.push_fields(channel, &message.payload, 0);
                         expected = sequence + 1;
                     }
                     (None, _) => {
@@ -291,10 +313,7 @@ fn replay_deliveries(
             if done || expected >= until {
                 return None;
             }
-            let mut delivery = Delivery {
-                filter: filter.clone(),
-                ..Delivery::default()
-            };
+            let mut delivery = Delivery::default();
             let mut finished = false;
             let mut next = messages.next().await;
             while let Some(result) = next.take() {
@@ -319,21 +338,20 @@ fn replay_deliveries(
                 }
                 expected = sequence + 1;
                 if filter.matches(channel) {
-                    let mut packets =
-                        EncodedPacketsBuilder::with_capacity(1, message.payload.len());
-                    packets.push_encoded(channel, &message.payload);
-                    let batch = Arc::new(SequencedBatch {
-                        first_sequence: sequence,
-                        packets: packets.finish(),
-                    });
-                    delivery.encoded_len += batch.record_len(0);
-                    delivery.segments.push(Segment { batch, range: 0..1 });
+                    let mut packets = EncodedPacketsBuilder::with_capacity(
+                        1,
+                        message.payload.len() + 16,
+                        sequence,
+                    );
+                    packets.push_fields(channel, &message.payload, 0);
+                    let batch = packets.finish().stamp(sequence);
+                    delivery.push(batch.records(0..1), 1);
                 }
                 if pending == 0 || expected >= until {
                     finished = true;
                     break;
                 }
-                if delivery.segments.len() < FEED_BATCH {
+                if delivery.packets() < FEED_BATCH {
                     next = messages.next().now_or_never().flatten();
                 }
             }

@@ -67,9 +67,36 @@ pub struct ServeArgs {
     /// Largest accepted payload in bytes (suffixes KiB, MiB allowed).
     #[arg(long, env = "PACKET_INGEST_MAX_PAYLOAD", default_value = "1MiB", value_parser = parse_payload_size)]
     pub max_payload: u32,
-    /// Concurrent TCP ingest connections; more wait in the accept queue.
+    /// Concurrent TCP ingest connections; when all are open, the one idle longest is closed for a newcomer.
     #[arg(long, env = "PACKET_INGEST_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// An ingest connection that sends nothing for this long is closed.
+    #[arg(long, env = "PACKET_INGEST_INGEST_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub ingest_idle_timeout: Duration,
+    /// A frame must be complete this long after its first byte arrived, or its connection is closed.
+    #[arg(long, env = "PACKET_INGEST_FRAME_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub frame_timeout: Duration,
+    /// Bytes read from producers and not yet published (partial frames, Publish messages, batches in verification), all together.
+    #[arg(long, env = "PACKET_INGEST_INGEST_MEMORY_LIMIT", default_value = "64MiB", value_parser = parse_memory_size)]
+    pub ingest_memory_limit: u64,
+    /// Concurrent gRPC connections; when all are open, the one idle longest is closed for a newcomer.
+    #[arg(long, env = "PACKET_INGEST_MAX_GRPC_CONNECTIONS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_grpc_connections: u32,
+    /// A gRPC client must finish TLS and send the HTTP/2 preface within this.
+    #[arg(long, env = "PACKET_INGEST_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub grpc_handshake_timeout: Duration,
+    /// Concurrent calls on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "PACKET_INGEST_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Concurrent Publish streams; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PACKET_INGEST_MAX_PUBLISHERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_publishers: u32,
+    /// A Publish stream with no message for this long ends DEADLINE_EXCEEDED (packets before it kept).
+    #[arg(long, env = "PACKET_INGEST_PUBLISH_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub publish_idle_timeout: Duration,
+    /// Channels one Subscribe filter may name; more get INVALID_ARGUMENT.
+    #[arg(long, env = "PACKET_INGEST_MAX_FILTER_CHANNELS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_filter_channels: u32,
     /// Concurrent Subscribe streams; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "PACKET_INGEST_MAX_SUBSCRIBERS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_subscribers: u32,
@@ -146,18 +173,28 @@ impl ServeArgs {
     pub fn retain_packets(&self) -> u64 {
         self.history.max(self.subscriber_buffer)
     }
+
+    /// Checks that the flags fit together (each parsed fine on its own).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // One frame being assembled and one being verified must both fit.
+        let needed = 2 * (u64::from(self.max_payload) + 64 * 1024);
+        if self.ingest_memory_limit < needed {
+            return Err(ConfigError::IngestMemoryTooSmall {
+                limit: self.ingest_memory_limit,
+                needed,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Configuration that parsed but cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read --hmac-key-file {path}: {source}")]
-    HmacKeyFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("--hmac-key-file {0} is empty")]
-    EmptyHmacKey(PathBuf),
+    #[error("--hmac-key-file: {0}")]
+    HmacKeyFile(crate::keyfile::KeyFileError),
+    #[error("--ingest-memory-limit {limit} is too small: it must hold two frames of --max-payload ({needed} bytes or more)")]
+    IngestMemoryTooSmall { limit: u64, needed: u64 },
     #[error("--require-hmac needs --hmac-key-file")]
     RequireHmacWithoutKey,
     #[error("{flag} {path}: {problem}")]
@@ -175,7 +212,7 @@ pub enum ConfigError {
     },
 }
 
-/// Reads the HMAC key: the file's bytes with one trailing newline removed.
+/// Reads the HMAC key: the file's bytes with one trailing line ending removed.
 pub fn load_hmac_key(args: &ServeArgs) -> Result<Option<Vec<u8>>, ConfigError> {
     let Some(path) = &args.hmac_key_file else {
         if args.require_hmac {
@@ -183,24 +220,20 @@ pub fn load_hmac_key(args: &ServeArgs) -> Result<Option<Vec<u8>>, ConfigError> {
         }
         return Ok(None);
     };
-    let mut key = std::fs::read(path).map_err(|source| ConfigError::HmacKeyFile {
-        path: path.clone(),
-        source,
-    })?;
-    if key.last() == Some(&b'\n') {
-        key.pop();
-        if key.last() == Some(&b'\r') {
-            key.pop();
-        }
-    }
-    if key.is_empty() {
-        return Err(ConfigError::EmptyHmacKey(path.clone()));
-    }
-    Ok(Some(key))
+    crate::keyfile::read_key_file(path)
+        .map(Some)
+        .map_err(ConfigError::HmacKeyFile)
 }
 
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|error| format!("{error} (use e.g. 500ms, 5s, 1m)"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        duration if duration.is_zero() => Err("must be more than 0".to_owned()),
+        duration => Ok(duration),
+    }
 }
 
 /// Bytes with an optional binary suffix: `1048576`, `64KiB`, `1MiB`, `2GiB`.
@@ -277,17 +310,17 @@ mod tests {
     }
 
     #[test]
-    fn hmac_key_drops_one_trailing_newline() {
+    fn hmac_key_drops_one_trailing_line_ending() {
         let dir = std::env::temp_dir().join(format!("pi-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("key");
-        std::fs::write(&path, b"secret\n\n").expect("write key");
+        std::fs::write(&path, b"secret\r\n\r\n").expect("write key");
         let args =
             ServeArgs::try_parse_from(["x", "--hmac-key-file", path.to_str().expect("utf8")])
                 .expect("parse");
         assert_eq!(
             load_hmac_key(&args).expect("key"),
-            Some(b"secret\n".to_vec())
+            Some(b"secret\r\n".to_vec())
         );
         let missing = ServeArgs::try_parse_from(["x", "--require-hmac"]).expect("parse");
         assert!(matches!(

@@ -1,6 +1,8 @@
 //! Errors a client can cause or observe, and the one place they become gRPC
 //! status codes. Every message says what happened and what to do about it.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 
 use crate::hub::{SubscribeError, SubscriptionEnd};
@@ -13,16 +15,43 @@ pub enum ServiceError {
     SubscriptionEnded(#[from] SubscriptionEnd),
     #[error("too many open Subscribe streams (limit {limit}, --max-subscribers); retry later")]
     TooManySubscribers { limit: usize },
+    #[error("too many open Publish streams (limit {limit}, --max-publishers); retry later or send on the TCP port")]
+    TooManyPublishers { limit: usize },
+    #[error("the Subscribe filter names {count} channels, more than the {limit} allowed (--max-filter-channels); subscribe to fewer, or to all (no filter)")]
+    FilterTooLarge { count: usize, limit: usize },
+    #[error("stream_id {requested:?} is not this server's stream {current:?} (it restarted without its data, or this is another deployment); resubscribe live, or from StreamInfo.first_sequence, with stream_id {current:?}")]
+    StreamMismatch { requested: String, current: String },
+    #[error(
+        "no request message arrived within {0:?}; send the request message right after the headers"
+    )]
+    RequestTimeout(Duration),
+    #[error("the call ended before its request message")]
+    MissingRequest,
+    #[error("no Publish message arrived for {0:?} (--publish-idle-timeout); packets before that were accepted, open a new stream to send more")]
+    PublishIdle(Duration),
     #[error("payload of {length} bytes is over the limit of {max} bytes (--max-payload); packets before it were accepted")]
     PayloadTooLong { length: usize, max: u32 },
-    #[error("request message is over the size limit (payload at most {max} bytes, --max-payload); packets before it were accepted")]
-    MessageTooLarge { max: u32 },
     #[error("packet is HMAC-flagged but this server has no HMAC key (--hmac-key-file); packets before it were accepted")]
     HmacNotConfigured,
     #[error("the server is shutting down; reconnect to another replica or retry")]
     ShuttingDown,
     #[error("packets could not be stored in the cluster stream: {0}; packets before them were accepted, retry the rest")]
     Cluster(#[from] crate::cluster::ClusterError),
+}
+
+impl ServiceError {
+    /// Label for `requests_refused{reason}`, for refusals that are limits.
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            ServiceError::TooManySubscribers { .. } => Some("max_subscribers"),
+            ServiceError::TooManyPublishers { .. } => Some("max_publishers"),
+            ServiceError::FilterTooLarge { .. } => Some("max_filter_channels"),
+            ServiceError::StreamMismatch { .. } => Some("stream_mismatch"),
+            ServiceError::RequestTimeout(_) => Some("request_timeout"),
+            ServiceError::PublishIdle(_) => Some("publish_idle"),
+            _ => None,
+        }
+    }
 }
 
 impl From<ServiceError> for Status {
@@ -32,13 +61,22 @@ impl From<ServiceError> for Status {
             ServiceError::Subscribe(SubscribeError::ShuttingDown) => Code::Unavailable,
             ServiceError::SubscriptionEnded(SubscriptionEnd::ShuttingDown) => Code::Unavailable,
             ServiceError::SubscriptionEnded(
-                SubscriptionEnd::Lagged { .. } | SubscriptionEnd::Stuck(_),
+                SubscriptionEnd::Lagged { .. }
+                | SubscriptionEnd::Stuck(_)
+                | SubscriptionEnd::HoldingMemory,
             ) => Code::ResourceExhausted,
-            ServiceError::TooManySubscribers { .. } => Code::ResourceExhausted,
-            ServiceError::PayloadTooLong { .. } | ServiceError::MessageTooLarge { .. } => {
-                Code::InvalidArgument
+            ServiceError::TooManySubscribers { .. } | ServiceError::TooManyPublishers { .. } => {
+                Code::ResourceExhausted
             }
-            ServiceError::HmacNotConfigured => Code::FailedPrecondition,
+            ServiceError::FilterTooLarge { .. }
+            | ServiceError::PayloadTooLong { .. }
+            | ServiceError::MissingRequest => Code::InvalidArgument,
+            ServiceError::StreamMismatch { .. } | ServiceError::HmacNotConfigured => {
+                Code::FailedPrecondition
+            }
+            ServiceError::RequestTimeout(_) | ServiceError::PublishIdle(_) => {
+                Code::DeadlineExceeded
+            }
             ServiceError::ShuttingDown | ServiceError::Cluster(_) => Code::Unavailable,
         };
         Status::new(code, error.to_string())
@@ -48,7 +86,6 @@ impl From<ServiceError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn every_error_maps_to_the_contracted_code() {
@@ -76,13 +113,42 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (
+                SubscriptionEnd::HoldingMemory.into(),
+                Code::ResourceExhausted,
+            ),
+            (
                 ServiceError::TooManySubscribers { limit: 1 },
                 Code::ResourceExhausted,
+            ),
+            (
+                ServiceError::TooManyPublishers { limit: 1 },
+                Code::ResourceExhausted,
+            ),
+            (
+                ServiceError::FilterTooLarge { count: 9, limit: 8 },
+                Code::InvalidArgument,
+            ),
+            (
+                ServiceError::StreamMismatch {
+                    requested: "a".into(),
+                    current: "b".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ServiceError::RequestTimeout(Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
+            (ServiceError::MissingRequest, Code::InvalidArgument),
+            (
+                ServiceError::PublishIdle(Duration::from_secs(1)),
+                Code::DeadlineExceeded,
             ),
             (
                 ServiceError::PayloadTooLong { length: 9, max: 8 },
                 Code::InvalidArgument,
             ),
+            (ServiceError::HmacNotConfigured, Code::FailedPrecondition),
             (ServiceError::ShuttingDown, Code::Unavailable),
         ];
         for (error, code) in cases {
@@ -90,5 +156,15 @@ mod tests {
             assert_eq!(status.code(), code);
             assert!(!status.message().is_empty());
         }
+    }
+
+    #[test]
+    fn a_stream_mismatch_names_the_current_stream() {
+        let status = Status::from(ServiceError::StreamMismatch {
+            requested: "old".into(),
+            current: "new-id".into(),
+        });
+        assert!(status.message().contains("new-id"));
+        assert!(status.message().contains("first_sequence"));
     }
 }

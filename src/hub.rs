@@ -1,17 +1,25 @@
 //! The hub: sequence numbers, the shared ring of recent batches, and delivery.
 //!
 //! The hub is a broadcast channel bounded in bytes as well as packets. Publishers
-//! stamp each verified batch with the next sequences and append it to one ring
-//! (`VecDeque` of `Arc`ed, pre-encoded batches), and a `watch` of the next
-//! sequence wakes subscribers. Every subscriber is just a cursor into that ring,
-//! so history replay and live delivery are the same read (no seam to race), one
-//! copy of a packet serves every subscriber, and the memory held for history and
-//! lagging subscribers together is the ring's, capped by `--memory-limit`.
+//! number each verified batch (writing the sequences into its pre-encoded
+//! records) and append it to one ring (`VecDeque` of `Arc`ed batches), and a
+//! `watch` of the next sequence wakes subscribers. Every subscriber is just a
+//! cursor into that ring, so history replay and live delivery are the same read
+//! (no seam to race), and one copy of a packet serves every subscriber.
+//!
+//! Memory: deliveries are slices of the ring's batches, so a stalled stream
+//! holds ring memory, not copies. A batch that leaves the ring while a delivery
+//! still holds it stays charged ("pinned") until released, so the ring plus
+//! whatever stalled streams hold stays within `--memory-limit`; if pinned memory
+//! alone passes half the limit, the connections of subscribers that fell off the
+//! ring are closed (they are what holds it).
+//!
 //! A subscriber whose cursor falls off the ring is handled by the slow-subscriber
 //! policy: skip ahead and report `missed` (gap), end the stream (disconnect), or,
 //! in block mode, the ring may not drop what it has not read, so publishers wait
 //! (that is the TCP backpressure) until it catches up or is cut after
-//! `--block-timeout`.
+//! `--block-timeout`. Per-channel bookkeeping (for exact `missed` counts of
+//! filtered subscribers) exists only for channels some subscriber filters on.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,10 +32,11 @@ use std::{
 };
 
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    wire::{ChannelFilter, Delivery, EncodedPackets, SequencedBatch},
+    wire::{ChannelFilter, EncodedPackets, SequenceHint, SequencedBatch},
 };
 
 /// What happens to a subscriber that falls further behind than the hub retains.
@@ -45,7 +54,7 @@ pub enum SlowSubscriberPolicy {
 pub struct HubConfig {
     /// Packets kept for replay and lagging subscribers: max(--history, --subscriber-buffer).
     pub retain_packets: u64,
-    /// Bytes kept for the same, whichever limit is hit first.
+    /// Bytes kept for the same plus what stalled deliveries hold, whichever limit is hit first.
     pub memory_limit: usize,
     pub policy: SlowSubscriberPolicy,
     pub block_timeout: Duration,
@@ -69,6 +78,8 @@ pub enum SubscriptionEnd {
     Lagged { behind: u64, retained: u64 },
     #[error("subscriber made no progress for {0:?} while the hub was full (--slow-subscriber block, --block-timeout)")]
     Stuck(Duration),
+    #[error("subscriber stopped reading while the data it had not read passed half of --memory-limit; resubscribe from the last sequence seen")]
+    HoldingMemory,
     #[error("the server is shutting down")]
     ShuttingDown,
 }
@@ -78,6 +89,7 @@ impl SubscriptionEnd {
         match self {
             SubscriptionEnd::Lagged { .. } => "lagged",
             SubscriptionEnd::Stuck(_) => "block_timeout",
+            SubscriptionEnd::HoldingMemory => "memory",
             SubscriptionEnd::ShuttingDown => "shutdown",
         }
     }
@@ -86,17 +98,40 @@ impl SubscriptionEnd {
 /// What a subscriber learns when it asks for more.
 #[derive(Debug)]
 pub enum Next {
-    Delivery(Delivery),
+    Delivery(crate::wire::Delivery),
     /// Nothing arrived for the heartbeat interval.
     Idle,
     End(SubscriptionEnd),
 }
 
-/// A subscriber's position, visible to publishers in block mode.
+/// A subscriber's position, visible to publishers.
 #[derive(Debug)]
 struct Slot {
     cursor: AtomicU64,
+    /// Set when the hub cut this subscriber; it ends at its next read.
+    ended: Mutex<Option<SubscriptionEnd>>,
     kicked: AtomicBool,
+    /// Closes the subscriber's connection: the only way to free what a stream
+    /// that is not being read holds in the HTTP/2 layer.
+    close_connection: Option<CancellationToken>,
+}
+
+impl Slot {
+    fn end(&self, why: SubscriptionEnd) -> bool {
+        let first = !self.kicked.swap(true, Ordering::AcqRel);
+        if first {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            *ended = Some(why);
+        }
+        first
+    }
+
+    fn end_reason(&self) -> Option<SubscriptionEnd> {
+        if !self.kicked.load(Ordering::Acquire) {
+            return None;
+        }
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct Stored {
@@ -104,16 +139,25 @@ struct Stored {
     bytes: usize,
 }
 
+/// Counts for one channel some subscriber filters on.
+#[derive(Debug, Default)]
+struct Watch {
+    subscribers: usize,
+    /// Packets of this channel evicted from the ring since it was first watched.
+    evicted: u64,
+}
+
 struct Ring {
     batches: VecDeque<Stored>,
     next_sequence: u64,
     retained_packets: u64,
     retained_bytes: usize,
+    /// Evicted batches that some delivery still holds, charged until released.
+    pinned: Vec<Stored>,
+    pinned_bytes: usize,
     slots: Vec<Arc<Slot>>,
     closed: bool,
-    /// Packets dropped off the ring so far, per channel: lets a filtered
-    /// subscriber that lagged learn exactly how many of *its* packets it lost.
-    evicted_by_channel: HashMap<u32, u64>,
+    watched: HashMap<u32, Watch>,
 }
 
 impl Ring {
@@ -136,25 +180,10 @@ impl Ring {
         filter.channels().map_or(0, |channels| {
             channels
                 .iter()
-                .filter_map(|c| self.evicted_by_channel.get(c))
+                .filter_map(|channel| self.watched.get(channel))
+                .map(|watch| watch.evicted)
                 .sum()
         })
-    }
-
-    /// Packets matching `filter` still in the ring with a sequence below `cursor`.
-    fn retained_matching_before(&self, filter: &ChannelFilter, cursor: u64) -> u64 {
-        let mut count = 0;
-        for stored in self
-            .batches
-            .iter()
-            .take_while(|stored| stored.batch.first_sequence < cursor)
-        {
-            let end = (cursor - stored.batch.first_sequence).min(stored.batch.packets.len() as u64);
-            count += (0..end as usize)
-                .filter(|index| filter.matches(stored.batch.packets.channel(*index)))
-                .count() as u64;
-        }
-        count
     }
 
     /// Bytes of batches that still hold packets at or after `cursor`.
@@ -166,6 +195,45 @@ impl Ring {
             .map(|stored| stored.bytes)
             .sum()
     }
+
+    /// Drops pinned batches no delivery holds any more.
+    fn release_pinned(&mut self) {
+        if self.pinned.is_empty() {
+            return;
+        }
+        let mut released = 0;
+        self.pinned.retain(|stored| {
+            let held = stored.batch.is_referenced_elsewhere();
+            if !held {
+                released += stored.bytes;
+            }
+            held
+        });
+        self.pinned_bytes -= released;
+    }
+
+    fn count_evicted(&mut self, batch: &SequencedBatch) {
+        if self.watched.is_empty() {
+            return;
+        }
+        for index in 0..batch.len() {
+            if let Some(watch) = self.watched.get_mut(&batch.channel(index).0) {
+                watch.evicted += 1;
+            }
+        }
+    }
+}
+
+/// A snapshot for `StreamInfo` and the console.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HubStats {
+    pub oldest_sequence: u64,
+    pub next_sequence: u64,
+    pub retained_packets: u64,
+    pub retained_bytes: u64,
+    pub pinned_bytes: u64,
+    pub oldest_received_unix_nanos: i64,
+    pub subscribers: u64,
 }
 
 /// Shared by ingest connections, Publish streams and Subscribe streams.
@@ -177,6 +245,7 @@ pub struct Hub {
     progress: Notify,
     config: HubConfig,
     metrics: Arc<Metrics>,
+    sequence_hint: SequenceHint,
 }
 
 impl Hub {
@@ -193,15 +262,27 @@ impl Hub {
                 next_sequence,
                 retained_packets: 0,
                 retained_bytes: 0,
+                pinned: Vec::new(),
+                pinned_bytes: 0,
                 slots: Vec::new(),
                 closed: false,
-                evicted_by_channel: HashMap::new(),
+                watched: HashMap::new(),
             }),
             head: watch::Sender::new(next_sequence),
             progress: Notify::new(),
             config,
             metrics,
+            sequence_hint: {
+                let hint = SequenceHint::default();
+                hint.set(next_sequence);
+                hint
+            },
         })
+    }
+
+    /// The next sequence, readable by the verification pool without locking.
+    pub fn sequence_hint(&self) -> SequenceHint {
+        self.sequence_hint.clone()
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -221,7 +302,24 @@ impl Hub {
         *self.head.borrow()
     }
 
-    /// Appends a verified batch and returns the sequences it got.
+    pub fn stats(&self) -> HubStats {
+        let mut ring = self.lock();
+        ring.release_pinned();
+        HubStats {
+            oldest_sequence: ring.oldest_sequence(),
+            next_sequence: ring.next_sequence,
+            retained_packets: ring.retained_packets,
+            retained_bytes: ring.retained_bytes as u64,
+            pinned_bytes: ring.pinned_bytes as u64,
+            oldest_received_unix_nanos: ring
+                .batches
+                .front()
+                .map_or(0, |stored| stored.batch.received_unix_nanos()),
+            subscribers: ring.slots.len() as u64,
+        }
+    }
+
+    /// Numbers a verified batch, appends it and returns the sequences it got.
     ///
     /// In block mode this waits while the slowest subscriber would otherwise
     /// lose packets; the caller's wait is what stops its socket being read.
@@ -302,7 +400,7 @@ impl Hub {
     fn kick_stuck(&self, ring: &Ring, stuck_at: u64) {
         for slot in &ring.slots {
             if slot.cursor.load(Ordering::Acquire) <= stuck_at
-                && !slot.kicked.swap(true, Ordering::AcqRel)
+                && slot.end(SubscriptionEnd::Stuck(self.config.block_timeout))
             {
                 tracing::warn!(
                     cursor = stuck_at,
@@ -323,33 +421,37 @@ impl Hub {
     ) -> Range<u64> {
         let first =
             first_sequence.map_or(ring.next_sequence, |first| first.max(ring.next_sequence));
-        let count = packets.len() as u64;
-        ring.batches.push_back(Stored {
-            batch: Arc::new(SequencedBatch {
-                first_sequence: first,
-                packets,
-            }),
-            bytes,
-        });
-        ring.next_sequence = first + count;
-        ring.retained_packets += count;
+        let batch = Arc::new(packets.stamp(first));
+        ring.next_sequence = batch.end_sequence();
+        self.sequence_hint.set(ring.next_sequence);
+        ring.retained_packets += batch.len() as u64;
         ring.retained_bytes += bytes;
-        // Oldest first: over the byte limit, or more packets than needed for
-        // the retention count. Block mode never drops what a live subscriber
-        // has not read yet.
+        ring.batches.push_back(Stored { batch, bytes });
+        ring.release_pinned();
+        // Oldest first: over the byte limit (pinned deliveries included), or
+        // more packets than needed for the retention count. Block mode never
+        // drops what a live subscriber has not read yet.
         while let Some(front) = ring.batches.front() {
-            let front_len = front.batch.packets.len() as u64;
-            let over_bytes = ring.retained_bytes > self.config.memory_limit;
+            let front_len = front.batch.len() as u64;
+            let over_bytes = ring.retained_bytes + ring.pinned_bytes > self.config.memory_limit;
             let over_count = ring.retained_packets - front_len >= self.config.retain_packets;
             let unread = protect_from.is_some_and(|cursor| front.batch.end_sequence() > cursor);
             if !(over_bytes || over_count) || unread || ring.batches.len() == 1 {
                 break;
             }
-            ring.retained_bytes -= front.bytes;
+            let Some(evicted) = ring.batches.pop_front() else {
+                break;
+            };
+            ring.retained_bytes -= evicted.bytes;
             ring.retained_packets -= front_len;
-            if let Some(evicted) = ring.batches.pop_front() {
-                count_by_channel(&evicted.batch.packets, &mut ring.evicted_by_channel);
+            ring.count_evicted(&evicted.batch);
+            if evicted.batch.is_referenced_elsewhere() {
+                ring.pinned_bytes += evicted.bytes;
+                ring.pinned.push(evicted);
             }
+        }
+        if ring.pinned_bytes > self.config.memory_limit / 2 {
+            self.close_laggards(ring);
         }
         self.metrics
             .hub_retained_bytes
@@ -357,7 +459,33 @@ impl Hub {
         self.metrics
             .hub_retained_packets
             .set(ring.retained_packets as i64);
+        self.metrics.hub_pinned_bytes.set(ring.pinned_bytes as i64);
         first..ring.next_sequence
+    }
+
+    /// Pinned deliveries passed half the memory limit: close the connections
+    /// of subscribers that fell off the ring, which are what holds them.
+    fn close_laggards(&self, ring: &Ring) {
+        let oldest = ring.oldest_sequence();
+        for slot in &ring.slots {
+            if slot.cursor.load(Ordering::Acquire) < oldest
+                && slot.end(SubscriptionEnd::HoldingMemory)
+            {
+                if let Some(close) = &slot.close_connection {
+                    close.cancel();
+                }
+                // Counted here: a closed connection's stream never reports its end.
+                self.metrics.subscribers_disconnected.add(
+                    SubscriptionEnd::HoldingMemory.reason(),
+                    1,
+                    0,
+                );
+                tracing::warn!(
+                    pinned_bytes = ring.pinned_bytes,
+                    "closing the connection of a subscriber that stopped reading while holding memory"
+                );
+            }
+        }
     }
 
     /// Starts a subscription: live from now, or replay from `from_sequence` then live.
@@ -366,18 +494,24 @@ impl Hub {
         filter: ChannelFilter,
         from_sequence: Option<u64>,
     ) -> Result<Subscription, SubscribeError> {
-        self.subscribe_with(filter, from_sequence, false)
+        self.subscribe_with(SubscribeOptions {
+            filter,
+            from_sequence,
+            ..SubscribeOptions::default()
+        })
     }
 
-    /// `subscribe`, but a `from_sequence` older than what is retained starts
-    /// at the oldest retained packet *without* counting the rest as missed:
-    /// the caller replays `[from_sequence, replay_until())` from elsewhere.
+    /// `subscribe` with every option.
     pub fn subscribe_with(
         self: &Arc<Self>,
-        filter: ChannelFilter,
-        from_sequence: Option<u64>,
-        replay_elsewhere: bool,
+        options: SubscribeOptions,
     ) -> Result<Subscription, SubscribeError> {
+        let SubscribeOptions {
+            filter,
+            from_sequence,
+            replay_elsewhere,
+            close_connection,
+        } = options;
         let mut ring = self.lock();
         if ring.closed {
             return Err(SubscribeError::ShuttingDown);
@@ -399,19 +533,34 @@ impl Hub {
             }
         };
         // A filtered subscriber counts its channels' packets below its cursor,
-        // so a later lag can be reported exactly (see `take`).
-        let matched_before_cursor = match filter.channels() {
-            None => 0,
-            Some(_) => {
-                ring.evicted_matching(&filter) + ring.retained_matching_before(&filter, cursor)
+        // so a later lag can be reported exactly (see `Subscription::take`):
+        // evictions counted so far, plus the retained ones below the cursor,
+        // which are counted after the lock is released.
+        let (evicted_before, retained_before) = match filter.channels() {
+            None => (0, Vec::new()),
+            Some(channels) => {
+                for channel in channels {
+                    ring.watched.entry(*channel).or_default().subscribers += 1;
+                }
+                let below: Vec<Arc<SequencedBatch>> = ring
+                    .batches
+                    .iter()
+                    .take_while(|stored| stored.batch.first_sequence < cursor)
+                    .map(|stored| Arc::clone(&stored.batch))
+                    .collect();
+                (ring.evicted_matching(&filter), below)
             }
         };
         let slot = Arc::new(Slot {
             cursor: AtomicU64::new(cursor),
+            ended: Mutex::new(None),
             kicked: AtomicBool::new(false),
+            close_connection,
         });
         ring.slots.push(Arc::clone(&slot));
         drop(ring);
+        let matched_before_cursor =
+            evicted_before + count_matching_below(&retained_before, &filter, cursor);
         self.metrics.subscribers.inc();
         if missed > 0 {
             self.metrics.packets_missed.inc_by(missed);
@@ -446,24 +595,33 @@ impl Hub {
     }
 }
 
-/// Adds each packet of `packets` to its channel's count (runs of one channel
-/// cost one map update).
-fn count_by_channel(packets: &EncodedPackets, counts: &mut HashMap<u32, u64>) {
-    let mut run: Option<(u32, u64)> = None;
-    for index in 0..packets.len() {
-        let channel = packets.channel(index).0;
-        run = match run {
-            Some((current, length)) if current == channel => Some((current, length + 1)),
-            Some((current, length)) => {
-                *counts.entry(current).or_default() += length;
-                Some((channel, 1))
-            }
-            None => Some((channel, 1)),
-        };
+/// How a subscription starts.
+#[derive(Debug, Default)]
+pub struct SubscribeOptions {
+    pub filter: ChannelFilter,
+    pub from_sequence: Option<u64>,
+    /// A `from_sequence` older than what is retained starts at the oldest
+    /// retained packet *without* counting the rest as missed: the caller
+    /// replays them from elsewhere (cluster mode, the disk log).
+    pub replay_elsewhere: bool,
+    /// The subscriber's connection, closed if it holds memory it will not read.
+    pub close_connection: Option<CancellationToken>,
+}
+
+/// Packets of `filter`'s channels with a sequence below `cursor`.
+fn count_matching_below(
+    batches: &[Arc<SequencedBatch>],
+    filter: &ChannelFilter,
+    cursor: u64,
+) -> u64 {
+    let mut count = 0;
+    for batch in batches {
+        let end = (cursor.saturating_sub(batch.first_sequence)).min(batch.len() as u64);
+        count += (0..end as usize)
+            .filter(|index| filter.matches(batch.channel(*index)))
+            .count() as u64;
     }
-    if let Some((channel, length)) = run {
-        *counts.entry(channel).or_default() += length;
-    }
+    count
 }
 
 mod subscription;

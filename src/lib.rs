@@ -30,16 +30,20 @@
 
 pub mod auth;
 pub mod bench;
+pub mod budget;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod frame;
 pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod ingest;
+pub mod keyfile;
 pub mod limits;
 pub mod metrics;
+pub mod producer;
 pub mod server;
 pub mod tls;
 pub mod tools;
@@ -54,10 +58,4 @@ pub mod pb {
     /// Encoded descriptors of `proto/packet_ingest.proto`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/packet_ingest_descriptor.bin"));
-}
-
-/// The generated server, whose `Subscribe` writes pre-encoded batches.
-mod pb_server {
-    #![allow(clippy::all, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/packetingest.v1.Packets.rs"));
 }

@@ -45,6 +45,20 @@ impl ReasonCounters {
     }
 }
 
+/// A counter per reason, for events that carry no packets.
+#[derive(Clone, Debug, Default)]
+pub struct ReasonCount(Family<ReasonLabel, Counter>);
+
+impl ReasonCount {
+    pub fn inc(&self, reason: &'static str) {
+        self.0.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn get(&self, reason: &'static str) -> u64 {
+        self.0.get_or_create(&ReasonLabel { reason }).get()
+    }
+}
+
 /// Every metric the service exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -65,6 +79,18 @@ pub struct Metrics {
     pub subscribers_disconnected: ReasonCounters,
     pub hub_retained_bytes: Gauge,
     pub hub_retained_packets: Gauge,
+    /// Evicted batches still held by deliveries not yet sent.
+    pub hub_pinned_bytes: Gauge,
+    /// Bytes read from producers and not yet in the hub (partial frames,
+    /// batches being verified), all connections and Publish streams together.
+    pub ingest_buffered_bytes: Gauge,
+    pub grpc_connections: Gauge,
+    pub grpc_connections_total: Counter,
+    /// gRPC connections closed by the server, by reason.
+    pub grpc_connections_closed: ReasonCount,
+    pub publishers: Gauge,
+    /// RPCs refused or ended by a limit, by reason.
+    pub requests_refused: ReasonCount,
     pub verify_seconds: Histogram,
     rejection_handles: [(Counter, Counter); 2],
 }
@@ -163,6 +189,38 @@ impl Metrics {
             "hub_retained_packets",
             "Packets held for history and lagging subscribers",
         );
+        let hub_pinned_bytes = gauge(
+            &mut registry,
+            "hub_pinned_bytes",
+            "Bytes of evicted batches still held by unsent deliveries (charged to --memory-limit)",
+        );
+        let ingest_buffered_bytes = gauge(
+            &mut registry,
+            "ingest_buffered_bytes",
+            "Bytes read from producers and not yet published (partial frames, batches in verification)",
+        );
+        let grpc_connections = gauge(&mut registry, "grpc_connections", "Open gRPC connections");
+        let grpc_connections_total = counter(
+            &mut registry,
+            "grpc_connections_accepted",
+            "gRPC connections accepted",
+        );
+        let count = |registry: &mut Registry, name: &str, help: &str| {
+            let family = ReasonCount::default();
+            registry.register(name, help, family.0.clone());
+            family
+        };
+        let grpc_connections_closed = count(
+            &mut registry,
+            "grpc_connections_closed",
+            "gRPC connections closed by the server, by reason",
+        );
+        let publishers = gauge(&mut registry, "publishers", "Open Publish streams");
+        let requests_refused = count(
+            &mut registry,
+            "requests_refused",
+            "RPCs refused or ended by a limit, by reason",
+        );
         let verify_seconds = Histogram::new(exponential_buckets(1e-6, 4.0, 12));
         registry.register(
             "verify_batch_seconds",
@@ -201,6 +259,13 @@ impl Metrics {
             subscribers_disconnected,
             hub_retained_bytes,
             hub_retained_packets,
+            hub_pinned_bytes,
+            ingest_buffered_bytes,
+            grpc_connections,
+            grpc_connections_total,
+            grpc_connections_closed,
+            publishers,
+            requests_refused,
             verify_seconds,
             rejection_handles,
         })

@@ -13,21 +13,33 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower::ServiceBuilder;
 
 use crate::{
     auth::{AuthLayer, TokenStore},
+    budget::IngestBudget,
     cluster::{Cluster, ClusterError, Destination},
     config::{load_hmac_key, ConfigError, ServeArgs},
+    connections::ConnectionSlots,
     frame::FrameLimits,
-    grpc::{PacketsServer, PacketsService},
+    grpc::{
+        routes::{GrpcRoutes, PacketsLimits},
+        transport::{self, TransportConfig},
+        PacketsService, StreamIdentity,
+    },
     hub::{Hub, HubConfig},
     ingest::{self, IngestContext},
-    limits::UnaryTimeoutLayer,
     metrics::Metrics,
+    producer::ProducerContext,
     tls,
     verify::{Verifier, VerifyPool},
 };
+
+/// The service name health reports on, besides "" (the whole server).
+pub const PACKETS_SERVICE: &str = "packetingest.v1.Packets";
+/// Request messages health and reflection accept (theirs are tiny).
+const SMALL_SERVICE_MESSAGE: usize = 64 * 1024;
+/// File descriptors kept free of the connection caps (listeners, files, NATS).
+const RESERVED_FDS: u64 = 64;
 
 /// Soft cap on one SubscribeResponse; one packet of --max-payload always fits.
 const MAX_DELIVERY_BYTES: usize = 1 << 20;
@@ -50,8 +62,6 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
-    #[error("cannot set up TLS on the gRPC port: {0}")]
-    GrpcTls(#[from] tonic::transport::Error),
 }
 
 /// A started server: the addresses it bound and the handle to stop it.
@@ -61,6 +71,7 @@ pub struct RunningServer {
     pub metrics_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
+    pub stream_id: Arc<str>,
     shutdown: CancellationToken,
     lifecycle: JoinHandle<()>,
 }
@@ -95,8 +106,33 @@ fn local_addr(
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// Connection caps that fit the open-file limit: a cap the process cannot
+/// reach would turn into accept errors instead of orderly refusals.
+fn connection_caps(args: &ServeArgs, open_files: Option<u64>) -> (usize, usize) {
+    let ingest = u64::from(args.max_connections);
+    let grpc = u64::from(args.max_grpc_connections);
+    let Some(limit) = open_files else {
+        return (ingest as usize, grpc as usize);
+    };
+    let available = limit.saturating_sub(RESERVED_FDS).max(2);
+    if ingest + grpc <= available {
+        return (ingest as usize, grpc as usize);
+    }
+    // Shrink both in proportion, keeping at least one each.
+    let scale = |cap: u64| ((cap * available) / (ingest + grpc)).max(1);
+    let (ingest_cap, grpc_cap) = (scale(ingest), scale(grpc));
+    tracing::warn!(
+        open_files = limit,
+        max_connections = ingest_cap,
+        max_grpc_connections = grpc_cap,
+        "the open-file limit is below --max-connections + --max-grpc-connections; lowering both"
+    );
+    (ingest_cap as usize, grpc_cap as usize)
+}
+
 /// Binds every listener and starts serving. Returns once all ports are bound.
 pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
+    args.validate()?;
     let hmac_key = load_hmac_key(&args)?;
     let tls = tls::load(&args)?;
     let tokens =
@@ -109,15 +145,17 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
             })?),
             None => None,
         };
+    let open_files = crate::connections::raise_open_file_limit();
+    let (max_ingest_connections, max_grpc_connections) = connection_caps(&args, open_files);
     let metrics = Metrics::new();
     let cluster = match &args.cluster_nats {
         Some(url) => Some(Cluster::connect(url, &args.cluster_stream).await?),
         None => None,
     };
     // In cluster mode sequences are the JetStream stream's: continue from its end.
-    let first_sequence = match &cluster {
-        Some(cluster) => cluster.next_sequence().await?,
-        None => 1,
+    let (first_sequence, identity) = match &cluster {
+        Some(cluster) => (cluster.next_sequence().await?, cluster.identity().await?),
+        None => (1, StreamIdentity::ephemeral()),
     };
     let hub = Hub::starting_at(
         HubConfig {
@@ -139,8 +177,17 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         tokio::spawn(Arc::clone(cluster).feed(Arc::clone(&hub), first_sequence, stop_feed.clone()))
     });
     let verifier = Verifier::new(hmac_key.as_deref(), args.require_hmac);
-    let pool = VerifyPool::new(verifier, args.verify_threads)?;
-    let max_in_flight = pool.threads() * IN_FLIGHT_PER_THREAD;
+    let pool = VerifyPool::new(verifier, args.verify_threads, hub.sequence_hint())?;
+    let producer = ProducerContext {
+        max_in_flight: pool.threads() * IN_FLIGHT_PER_THREAD,
+        pool,
+        destination,
+        metrics: Arc::clone(&metrics),
+        budget: IngestBudget::new(
+            usize::try_from(args.ingest_memory_limit).unwrap_or(usize::MAX),
+            Arc::clone(&metrics),
+        ),
+    };
 
     let grpc_listener = bind("gRPC", args.grpc_addr).await?;
     let ingest_listener = bind("ingest", args.ingest_addr).await?;
@@ -152,22 +199,22 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let shutdown = CancellationToken::new();
     let stop_reading = CancellationToken::new();
     let stop_grpc = CancellationToken::new();
+    let abort_grpc = CancellationToken::new();
     let ingest_tasks = TaskTracker::new();
 
     let ingest_context = IngestContext {
-        destination: destination.clone(),
-        pool: pool.clone(),
-        metrics: Arc::clone(&metrics),
+        producer: producer.clone(),
         limits: FrameLimits {
             max_payload: args.max_payload,
             hmac_key_configured: hmac_key.is_some(),
         },
-        max_in_flight,
         tls: tls.as_ref().map(|tls| tls.ingest.clone()),
+        idle_timeout: args.ingest_idle_timeout,
+        frame_timeout: args.frame_timeout,
     };
     let ingest_task = tokio::spawn(ingest::serve(
         ingest_listener,
-        args.max_connections as usize,
+        ConnectionSlots::new("ingest", max_ingest_connections),
         ingest_context,
         ingest_tasks.clone(),
         shutdown.clone(),
@@ -175,63 +222,65 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<PacketsServer<PacketsService>>().await;
+    health
+        .set_service_status(PACKETS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let packets = PacketsService {
+    let packets = Arc::new(PacketsService {
         hub: Arc::clone(&hub),
-        destination,
+        identity: identity.clone(),
+        producer,
         cluster: cluster.clone(),
-        pool,
         metrics: Arc::clone(&metrics),
         subscriber_permits: Arc::new(Semaphore::new(args.max_subscribers as usize)),
         max_subscribers: args.max_subscribers as usize,
+        publisher_permits: Arc::new(Semaphore::new(args.max_publishers as usize)),
+        max_publishers: args.max_publishers as usize,
+        max_filter_channels: args.max_filter_channels as usize,
+        publish_idle_timeout: args.publish_idle_timeout,
         heartbeat: args.heartbeat,
         max_payload: args.max_payload,
-        max_in_flight,
         draining: shutdown.clone(),
-    };
-    // Room for a maximum-size packet plus the message's other fields.
-    let max_message = args.max_payload as usize + 64 * 1024;
-    let limits = ServiceBuilder::new()
-        .layer(AuthLayer::new(tokens.clone()))
-        .option_layer(args.load_shed.then(tower::load_shed::LoadShedLayer::new))
-        // Both arms of the optional shed layer must agree on the error type.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            args.concurrency_limit as usize,
-        ))
-        .layer(UnaryTimeoutLayer::new(args.request_timeout))
-        .into_inner();
-    let mut grpc_builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        grpc_builder = grpc_builder.tls_config(tls.grpc.clone())?;
-    }
-    let grpc_server = grpc_builder
-        .http2_keepalive_interval(Some(args.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(args.http2_keepalive_timeout))
-        .layer(limits)
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(
-            PacketsServer::new(packets)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message.max(MAX_DELIVERY_BYTES) * 2),
-        )
-        .serve_with_incoming_shutdown(
-            // With our own listener tonic ignores `tcp_nodelay`: set it here, or
-            // Nagle holds small responses back (up to 40 ms).
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            stop_grpc.clone().cancelled_owned(),
-        );
-    let grpc_task = tokio::spawn(async move {
-        if let Err(error) = grpc_server.await {
-            tracing::error!(%error, "gRPC server failed");
-        }
     });
+    let routes = GrpcRoutes::new(
+        packets,
+        PacketsLimits {
+            auth: AuthLayer::new(tokens.clone()),
+            concurrency_limit: args.concurrency_limit as usize,
+            load_shed: args.load_shed,
+            unary_timeout: args.request_timeout,
+        },
+        GrpcRoutes::route(health_service.max_decoding_message_size(SMALL_SERVICE_MESSAGE)),
+        GrpcRoutes::route(
+            reflection()
+                .build_v1()?
+                .max_decoding_message_size(SMALL_SERVICE_MESSAGE),
+        ),
+        GrpcRoutes::route(
+            reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(SMALL_SERVICE_MESSAGE),
+        ),
+    );
+    let grpc_task = tokio::spawn(transport::serve(
+        grpc_listener,
+        ConnectionSlots::new("gRPC", max_grpc_connections),
+        TransportConfig {
+            handshake_timeout: args.grpc_handshake_timeout,
+            keepalive_interval: args.http2_keepalive_interval,
+            keepalive_timeout: args.http2_keepalive_timeout,
+            max_streams_per_connection: args.max_streams_per_connection,
+            tls: tls.as_ref().map(|tls| tls.grpc.clone()),
+        },
+        routes,
+        Arc::clone(&metrics),
+        stop_grpc.clone(),
+        abort_grpc.clone(),
+    ));
     // The metrics port stays up through the drain, so it can be watched.
     let metrics_task = tokio::spawn(crate::http::serve(
         metrics_listener,
@@ -247,10 +296,12 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         %grpc_addr,
         %ingest_addr,
         %metrics_addr,
+        stream_id = %identity.id,
         tls = tls.is_some(),
         auth = args.auth_token_file.is_some(),
         hmac = hmac_key.is_some(),
         cluster = args.cluster_nats.is_some(),
+        open_files = open_files.unwrap_or_default(),
         "packet-ingest listening"
     );
 
@@ -258,6 +309,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         shutdown: shutdown.clone(),
         stop_reading,
         stop_grpc,
+        abort_grpc,
         ingest_tasks,
         ingest_task,
         grpc_task,
@@ -273,6 +325,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         metrics_addr,
         metrics,
         hub,
+        stream_id: identity.id,
         shutdown,
         lifecycle,
     })
@@ -282,6 +335,7 @@ struct Lifecycle {
     shutdown: CancellationToken,
     stop_reading: CancellationToken,
     stop_grpc: CancellationToken,
+    abort_grpc: CancellationToken,
     ingest_tasks: TaskTracker,
     ingest_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
@@ -299,7 +353,7 @@ async fn lifecycle(parts: Lifecycle) {
     tracing::info!(grace = ?parts.grace, "shutting down");
     parts
         .health
-        .set_not_serving::<PacketsServer<PacketsService>>()
+        .set_service_status(PACKETS_SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
     parts
         .health
@@ -347,7 +401,8 @@ async fn lifecycle(parts: Lifecycle) {
         .is_err()
     {
         tracing::warn!("streams still open at the grace deadline; closing them");
-        grpc_task.abort();
+        parts.abort_grpc.cancel();
+        let _ = grpc_task.await;
     }
     let _ = parts.metrics_task.await;
     tracing::info!("shutdown complete");

@@ -14,7 +14,8 @@ use crate::config::{ConfigError, ServeArgs};
 #[derive(Clone)]
 pub struct TlsSetup {
     pub ingest: tokio_rustls::TlsAcceptor,
-    pub grpc: tonic::transport::ServerTlsConfig,
+    /// The same certificate and client policy, offering HTTP/2 by ALPN.
+    pub grpc: tokio_rustls::TlsAcceptor,
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -75,8 +76,6 @@ pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|error| invalid("--tls-cert", cert_path, error))?;
-    let mut grpc = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
     let builder = match &args.tls_client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
@@ -90,7 +89,6 @@ pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|error| invalid("--tls-client-ca", ca_path, error))?;
-            grpc = grpc.client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem));
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -102,8 +100,10 @@ pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
             format!("does not fit --tls-cert {}: {error}", cert_path.display()),
         )
     })?;
+    let mut grpc = config.clone();
+    grpc.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(TlsSetup {
         ingest: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        grpc,
+        grpc: tokio_rustls::TlsAcceptor::from(Arc::new(grpc)),
     }))
 }

@@ -72,6 +72,10 @@ pub struct TailArgs {
     /// Exit after this many packets.
     #[arg(long)]
     pub count: Option<u64>,
+    /// The stream_id printed by an earlier tail: resume only within that
+    /// stream (the server refuses with FAILED_PRECONDITION if it changed).
+    #[arg(long)]
+    pub stream_id: Option<String>,
     /// Bearer token for a server started with --auth-token-file.
     #[arg(long, env = "PACKET_INGEST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -228,13 +232,7 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
         }
     }
     let key = match &args.hmac_key_file {
-        Some(path) => {
-            let mut key = std::fs::read(path)?;
-            if key.last() == Some(&b'\n') {
-                key.pop();
-            }
-            Some(key)
-        }
+        Some(path) => Some(crate::keyfile::read_key_file(path)?),
         None => None,
     };
     let payloads = split_input(&input, args.split, args.chunk_size);
@@ -306,15 +304,28 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     let mut client =
         PacketsClient::with_interceptor(channel, BearerToken::new(args.token.as_deref())?)
             .max_decoding_message_size(usize::MAX);
-    let mut stream = client
+    let response = client
         .subscribe(SubscribeRequest {
             channels: args.channels.clone(),
             from_sequence: args.from_sequence,
+            stream_id: args.stream_id.clone().unwrap_or_default(),
         })
-        .await?
-        .into_inner();
+        .await?;
+    let stream_id = response
+        .metadata()
+        .get(crate::grpc::STREAM_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut stream = response.into_inner();
     let mut seen = 0u64;
     let stdout = std::io::stdout();
+    // First line: the stream to resume in (`--from SEQ --stream-id ID`).
+    let announce = serde_json::json!({ "stream_id": stream_id });
+    match args.format {
+        TailFormat::Json => writeln!(stdout.lock(), "{announce}")?,
+        TailFormat::Hex => eprintln!("{announce}"),
+    }
     while let Some(response) = stream.message().await? {
         let mut out = stdout.lock();
         if response.missed > 0 {

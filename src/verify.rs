@@ -17,8 +17,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::{
+    budget::Charge,
     frame::Frame,
-    wire::{EncodedPackets, EncodedPacketsBuilder, PacketFields},
+    wire::{EncodedPackets, EncodedPacketsBuilder, PacketFields, SequenceHint},
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -124,6 +125,8 @@ pub fn hmac_digest(key: &[u8], signed_header: &[u8], payload: &[u8]) -> [u8; 32]
 pub struct FrameBatch {
     pub frames: Vec<Frame>,
     pub received_unix_nanos: i64,
+    /// Ingest budget held for these bytes until they are published.
+    pub charge: Option<Charge>,
 }
 
 impl FrameBatch {
@@ -144,6 +147,8 @@ pub struct VerifiedBatch {
     pub frames: u64,
     /// Time spent hashing and encoding this batch on the pool.
     pub verify_seconds: f64,
+    /// The batch's ingest budget, returned once it is published.
+    pub charge: Option<Charge>,
 }
 
 impl VerifiedBatch {
@@ -162,6 +167,7 @@ pub fn verify_batch(
     source: &str,
     first_source_sequence: u64,
     batch: &FrameBatch,
+    expected_sequence: u64,
 ) -> VerifiedBatch {
     let started = Instant::now();
     let estimated_body: usize = batch
@@ -169,7 +175,8 @@ pub fn verify_batch(
         .iter()
         .map(|frame| frame.payload.len() + source.len() + 64)
         .sum();
-    let mut accepted = EncodedPacketsBuilder::with_capacity(batch.frames.len(), estimated_body);
+    let mut accepted =
+        EncodedPacketsBuilder::with_capacity(batch.frames.len(), estimated_body, expected_sequence);
     let mut result = VerifiedBatch {
         frames: batch.frames.len() as u64,
         ..VerifiedBatch::default()
@@ -207,11 +214,17 @@ pub fn verify_batch(
 pub struct VerifyPool {
     pool: Arc<rayon::ThreadPool>,
     verifier: Arc<Verifier>,
+    /// The hub's next sequence, so records reserve the right varint width.
+    sequence_hint: SequenceHint,
 }
 
 impl VerifyPool {
     /// `threads` = 0 means one per core.
-    pub fn new(verifier: Verifier, threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+    pub fn new(
+        verifier: Verifier,
+        threads: usize,
+        sequence_hint: SequenceHint,
+    ) -> Result<Self, rayon::ThreadPoolBuildError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|index| format!("verify-{index}"))
@@ -219,6 +232,7 @@ impl VerifyPool {
         Ok(VerifyPool {
             pool: Arc::new(pool),
             verifier: Arc::new(verifier),
+            sequence_hint,
         })
     }
 
@@ -234,18 +248,22 @@ impl VerifyPool {
         &self,
         source: Arc<str>,
         first_source_sequence: u64,
-        batch: FrameBatch,
+        mut batch: FrameBatch,
     ) -> oneshot::Receiver<VerifiedBatch> {
         let (reply, result) = oneshot::channel();
         let verifier = Arc::clone(&self.verifier);
+        let hint = self.sequence_hint.clone();
         self.pool.spawn(move || {
-            // The receiver is gone only if the connection was torn down.
-            let _ = reply.send(verify_batch(
+            let mut verified = verify_batch(
                 &verifier,
                 &source,
                 first_source_sequence,
                 &batch,
-            ));
+                hint.get(),
+            );
+            verified.charge = batch.charge.take();
+            // The receiver is gone only if the connection was torn down.
+            let _ = reply.send(verified);
         });
         result
     }
@@ -372,7 +390,8 @@ mod tests {
 
     #[tokio::test]
     async fn pipeline_returns_batches_in_submission_order() {
-        let pool = VerifyPool::new(Verifier::new(None, false), 2).expect("pool");
+        let pool =
+            VerifyPool::new(Verifier::new(None, false), 2, SequenceHint::default()).expect("pool");
         let mut pipeline = OrderedPipeline::new(pool, Arc::from("test/src"), 64);
         // Big batches first so later, smaller ones finish earlier on the pool.
         let sizes: Vec<usize> = (0..32)
@@ -383,6 +402,7 @@ mod tests {
             pipeline.submit(FrameBatch {
                 frames: vec![frame],
                 received_unix_nanos: 1,
+                charge: None,
             });
         }
         for index in 0..sizes.len() {

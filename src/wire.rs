@@ -1,21 +1,24 @@
-//! Protobuf encoding of delivered packets, done once per batch and shared.
+//! Protobuf encoding of delivered packets: once per batch, in the very bytes
+//! every subscriber receives.
 //!
-//! A `SubscribeResponse` is just `missed` plus concatenated `Packet` records, so
-//! the verification stage pre-encodes every field of a packet except `sequence`
-//! (fields may appear in any order on the wire) into one buffer per batch. The hub
-//! stamps the batch with its first sequence, and each subscriber's encoder writes
-//! `tag | len | sequence | pre-encoded body` straight into tonic's buffer: no
-//! per-subscriber prost encode, no per-packet allocation. `SubscribeCodec` plugs
-//! this into the generated `Subscribe` handler; the bytes it writes decode as the
-//! ordinary `packetingest.v1.SubscribeResponse`.
+//! A `SubscribeResponse` body is `missed` plus concatenated `packets` records
+//! (`0x0A | len | Packet`), and a record's bytes depend only on its packet. So
+//! the verification stage encodes each accepted packet's whole record into one
+//! buffer per batch, leaving room for `sequence` (field 1, a varint of the width
+//! the sequence is expected to need). The hub writes the sequences in when it
+//! numbers the batch (`EncodedPackets::stamp`); from then on the batch is
+//! immutable and shared. A delivery to a subscriber is a few slices of such
+//! batches (one per run of packets its filter takes) behind a small gRPC prefix:
+//! nothing is encoded or copied per subscriber, and a stalled stream holds only
+//! references to batches the hub accounts for.
+//!
+//! Hand-written because prost would encode every packet again per subscriber
+//! (≈ 50 % more server CPU at 64 B) and cannot write into shared buffers. The
+//! tests decode everything written here with prost, at the varint boundaries.
 
-use std::{ops::Range, sync::Arc};
+use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tonic::{
-    codec::{Codec, EncodeBuf, Encoder},
-    Status,
-};
 
 use crate::frame::Channel;
 
@@ -28,7 +31,10 @@ const PACKET_SOURCE_SEQUENCE_TAG: u8 = 6 << 3;
 const PACKET_RECEIVED_TAG: u8 = 7 << 3;
 const RESPONSE_PACKETS_TAG: u8 = (1 << 3) | 2; // SubscribeResponse.packets
 const RESPONSE_MISSED_TAG: u8 = 2 << 3; // SubscribeResponse.missed
+/// The gRPC message prefix: a compressed flag and a big-endian length.
+pub const GRPC_PREFIX_LEN: usize = 5;
 
+/// Bytes a protobuf varint of `value` takes.
 pub fn varint_len(value: u64) -> usize {
     // Each byte carries 7 bits; zero still takes one byte.
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
@@ -42,6 +48,34 @@ pub fn put_varint(dst: &mut impl BufMut, mut value: u64) {
     dst.put_u8(value as u8);
 }
 
+/// Reads a varint at the front of `src`: (value, bytes used). `None` if cut short.
+pub fn read_varint(src: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (index, byte) in src.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Some((value, index + 1));
+        }
+    }
+    None
+}
+
+/// The hub's next sequence as last published, readable without its lock:
+/// what the verification stage reserves sequence widths by.
+#[derive(Clone, Debug, Default)]
+pub struct SequenceHint(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl SequenceHint {
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set(&self, next_sequence: u64) {
+        self.0
+            .store(next_sequence, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Everything about an accepted packet except its hub sequence.
 pub struct PacketFields<'a> {
     pub channel: Channel,
@@ -52,12 +86,82 @@ pub struct PacketFields<'a> {
     pub received_unix_nanos: i64,
 }
 
-/// Accepted packets of one batch, pre-encoded (all fields but `sequence`).
+impl PacketFields<'_> {
+    /// Encoded size of every field but `sequence` (proto3 omits zero values).
+    fn encoded_len(&self) -> usize {
+        let mut len = 1 + 1 + 32; // digest
+        len += 1 + varint_len(self.source.len() as u64) + self.source.len();
+        if self.channel.0 != 0 {
+            len += 1 + varint_len(u64::from(self.channel.0));
+        }
+        if !self.payload.is_empty() {
+            len += 1 + varint_len(self.payload.len() as u64) + self.payload.len();
+        }
+        if self.source_sequence != 0 {
+            len += 1 + varint_len(self.source_sequence);
+        }
+        if self.received_unix_nanos != 0 {
+            len += 1 + varint_len(self.received_unix_nanos as u64);
+        }
+        len
+    }
+
+    fn encode(&self, dst: &mut BytesMut) {
+        if self.channel.0 != 0 {
+            dst.put_u8(PACKET_CHANNEL_TAG);
+            put_varint(dst, u64::from(self.channel.0));
+        }
+        if !self.payload.is_empty() {
+            dst.put_u8(PACKET_PAYLOAD_TAG);
+            put_varint(dst, self.payload.len() as u64);
+            dst.put_slice(self.payload);
+        }
+        dst.put_u8(PACKET_DIGEST_TAG);
+        dst.put_u8(32);
+        dst.put_slice(self.digest);
+        dst.put_u8(PACKET_SOURCE_TAG);
+        put_varint(dst, self.source.len() as u64);
+        dst.put_slice(self.source.as_bytes());
+        if self.source_sequence != 0 {
+            dst.put_u8(PACKET_SOURCE_SEQUENCE_TAG);
+            put_varint(dst, self.source_sequence);
+        }
+        if self.received_unix_nanos != 0 {
+            dst.put_u8(PACKET_RECEIVED_TAG);
+            // int64 travels as its two's-complement u64.
+            put_varint(dst, self.received_unix_nanos as u64);
+        }
+    }
+}
+
+/// Where one packet's record sits in a batch body.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    channel: Channel,
+    /// End offset of the record in the body.
+    end: u32,
+}
+
+/// Writes one `packets` record: tag, length, sequence (exactly `width` bytes,
+/// so `width` must be `varint_len(sequence)`), then the other fields.
+fn put_record(dst: &mut BytesMut, sequence: u64, width: usize, fields: &[u8]) {
+    let packet_len = 1 + width + fields.len();
+    dst.put_u8(RESPONSE_PACKETS_TAG);
+    put_varint(dst, packet_len as u64);
+    dst.put_u8(PACKET_SEQUENCE_TAG);
+    put_varint(dst, sequence);
+    dst.put_slice(fields);
+}
+
+/// Accepted packets of one batch, encoded as `packets` records with room for
+/// their sequences; the hub numbers them with [`EncodedPackets::stamp`].
 #[derive(Debug, Default)]
 pub struct EncodedPackets {
     body: Bytes,
-    /// Per packet: channel and the end offset of its body in `body`.
-    entries: Vec<(Channel, u32)>,
+    entries: Vec<Entry>,
+    /// Varint width reserved for every packet's sequence.
+    sequence_width: usize,
+    received_unix_nanos: i64,
 }
 
 impl EncodedPackets {
@@ -71,127 +175,276 @@ impl EncodedPackets {
 
     /// Bytes held by this batch (what memory accounting charges).
     pub fn byte_size(&self) -> usize {
-        self.body.len() + self.entries.len() * std::mem::size_of::<(Channel, u32)>()
+        self.body.len() + self.entries.len() * std::mem::size_of::<Entry>()
     }
 
     pub fn channel(&self, index: usize) -> Channel {
-        self.entries[index].0
+        self.entries[index].channel
     }
 
-    fn body(&self, index: usize) -> &[u8] {
-        &self.body[self.body_range(index)]
+    /// When the oldest packet of the batch was received.
+    pub fn received_unix_nanos(&self) -> i64 {
+        self.received_unix_nanos
     }
 
-    /// Packet `index`'s encoded fields (a `Packet` message without `sequence`),
-    /// sharing this batch's buffer.
-    pub fn body_bytes(&self, index: usize) -> Bytes {
-        self.body.slice(self.body_range(index))
-    }
-
-    fn body_range(&self, index: usize) -> Range<usize> {
+    fn record_range(&self, index: usize) -> Range<usize> {
         let start = match index {
             0 => 0,
-            _ => self.entries[index - 1].1 as usize,
+            _ => self.entries[index - 1].end as usize,
         };
-        start..self.entries[index].1 as usize
+        start..self.entries[index].end as usize
     }
+
+    /// Packet `index`'s fields other than `sequence`: what cluster mode stores
+    /// per message, and what `EncodedPacketsBuilder::push_fields` takes back.
+    pub fn fields(&self, index: usize) -> &[u8] {
+        let record = &self.body[self.record_range(index)];
+        fields_of_record(record)
+    }
+
+    /// Numbers the packets `first_sequence`, `first_sequence + 1`, … in place.
+    /// When a sequence needs another varint width than the one reserved (the
+    /// stream crossed 128, 16384, … while the batch was being verified) the
+    /// records are rewritten once; otherwise nothing is copied.
+    pub fn stamp(self, first_sequence: u64) -> SequencedBatch {
+        let count = self.entries.len() as u64;
+        let last = first_sequence + count.saturating_sub(1);
+        let fits = count == 0
+            || (varint_len(first_sequence) == self.sequence_width
+                && varint_len(last) == self.sequence_width);
+        let mut body = match (fits, self.body.try_into_mut()) {
+            (true, Ok(body)) => body,
+            (true, Err(shared)) => BytesMut::from(&shared[..]),
+            (false, Ok(body)) => {
+                return Self::restamped(
+                    body.freeze(),
+                    self.entries,
+                    first_sequence,
+                    self.received_unix_nanos,
+                )
+            }
+            (false, Err(shared)) => {
+                return Self::restamped(
+                    shared,
+                    self.entries,
+                    first_sequence,
+                    self.received_unix_nanos,
+                )
+            }
+        };
+        let mut start = 0;
+        for (offset, entry) in self.entries.iter().enumerate() {
+            // tag, length varint, sequence tag, then the reserved sequence bytes.
+            let length_len = read_varint(&body[start + 1..]).map_or(1, |(_, used)| used);
+            let at = start + 1 + length_len + 1;
+            let mut sequence = &mut body[at..at + self.sequence_width];
+            put_varint(&mut sequence, first_sequence + offset as u64);
+            start = entry.end as usize;
+        }
+        SequencedBatch {
+            first_sequence,
+            body: body.freeze(),
+            entries: self.entries,
+            received_unix_nanos: self.received_unix_nanos,
+        }
+    }
+
+    /// The slow path of `stamp`: every record rewritten with exact widths.
+    fn restamped(
+        body: Bytes,
+        entries: Vec<Entry>,
+        first_sequence: u64,
+        received_unix_nanos: i64,
+    ) -> SequencedBatch {
+        let mut out = BytesMut::with_capacity(body.len() + entries.len() * 2);
+        let mut new_entries = Vec::with_capacity(entries.len());
+        let mut start = 0;
+        for (offset, entry) in entries.iter().enumerate() {
+            let sequence = first_sequence + offset as u64;
+            let fields = fields_of_record(&body[start..entry.end as usize]);
+            put_record(&mut out, sequence, varint_len(sequence), fields);
+            new_entries.push(Entry {
+                channel: entry.channel,
+                end: out.len() as u32,
+            });
+            start = entry.end as usize;
+        }
+        SequencedBatch {
+            first_sequence,
+            body: out.freeze(),
+            entries: new_entries,
+            received_unix_nanos,
+        }
+    }
+}
+
+/// The fields after `sequence` in one record written by `put_record`.
+fn fields_of_record(record: &[u8]) -> &[u8] {
+    let (_, length_len) = read_varint(&record[1..]).unwrap_or((0, 1));
+    let sequence_at = 1 + length_len + 1;
+    let (_, sequence_len) = read_varint(&record[sequence_at..]).unwrap_or((0, 1));
+    &record[sequence_at + sequence_len..]
 }
 
 /// Builds an `EncodedPackets` one packet at a time.
 pub struct EncodedPacketsBuilder {
     body: BytesMut,
-    entries: Vec<(Channel, u32)>,
+    entries: Vec<Entry>,
+    sequence_width: usize,
+    received_unix_nanos: i64,
 }
 
 impl EncodedPacketsBuilder {
-    pub fn with_capacity(packets: usize, bytes: usize) -> Self {
+    /// `expected_sequence` is the hub's next sequence as seen now: its varint
+    /// width is reserved for every packet (a wrong guess costs one copy).
+    pub fn with_capacity(packets: usize, bytes: usize, expected_sequence: u64) -> Self {
         EncodedPacketsBuilder {
             body: BytesMut::with_capacity(bytes),
             entries: Vec::with_capacity(packets),
+            sequence_width: varint_len(expected_sequence.max(1)),
+            received_unix_nanos: 0,
         }
     }
 
     pub fn push(&mut self, fields: &PacketFields<'_>) {
-        let body = &mut self.body;
-        if fields.channel.0 != 0 {
-            body.put_u8(PACKET_CHANNEL_TAG);
-            put_varint(body, u64::from(fields.channel.0));
+        let packet_len = 1 + self.sequence_width + fields.encoded_len();
+        self.body
+            .reserve(1 + varint_len(packet_len as u64) + packet_len);
+        self.body.put_u8(RESPONSE_PACKETS_TAG);
+        put_varint(&mut self.body, packet_len as u64);
+        self.body.put_u8(PACKET_SEQUENCE_TAG);
+        // Placeholder of the reserved width; `stamp` overwrites it.
+        for _ in 1..self.sequence_width {
+            self.body.put_u8(0x80);
         }
-        if !fields.payload.is_empty() {
-            body.put_u8(PACKET_PAYLOAD_TAG);
-            put_varint(body, fields.payload.len() as u64);
-            body.put_slice(fields.payload);
-        }
-        body.put_u8(PACKET_DIGEST_TAG);
-        body.put_u8(32);
-        body.put_slice(fields.digest);
-        body.put_u8(PACKET_SOURCE_TAG);
-        put_varint(body, fields.source.len() as u64);
-        body.put_slice(fields.source.as_bytes());
-        if fields.source_sequence != 0 {
-            body.put_u8(PACKET_SOURCE_SEQUENCE_TAG);
-            put_varint(body, fields.source_sequence);
-        }
-        if fields.received_unix_nanos != 0 {
-            body.put_u8(PACKET_RECEIVED_TAG);
-            // int64 travels as its two's-complement u64.
-            put_varint(body, fields.received_unix_nanos as u64);
-        }
-        self.entries.push((fields.channel, body.len() as u32));
+        self.body.put_u8(0);
+        fields.encode(&mut self.body);
+        self.note(fields.channel, fields.received_unix_nanos);
     }
 
-    /// Appends a packet already encoded by `push` elsewhere (cluster mode:
-    /// the body of a JetStream message).
-    pub fn push_encoded(&mut self, channel: Channel, body: &[u8]) {
-        self.body.put_slice(body);
-        self.entries.push((channel, self.body.len() as u32));
+    /// Appends a packet whose other fields are already encoded (cluster mode:
+    /// the body of a JetStream message, as `EncodedPackets::fields` gave it).
+    pub fn push_fields(&mut self, channel: Channel, fields: &[u8], received_unix_nanos: i64) {
+        let width = self.sequence_width;
+        self.body.reserve(fields.len() + 16);
+        self.body.put_u8(RESPONSE_PACKETS_TAG);
+        put_varint(&mut self.body, (1 + width + fields.len()) as u64);
+        self.body.put_u8(PACKET_SEQUENCE_TAG);
+        for _ in 1..width {
+            self.body.put_u8(0x80);
+        }
+        self.body.put_u8(0);
+        self.body.put_slice(fields);
+        self.note(channel, received_unix_nanos);
+    }
+
+    fn note(&mut self, channel: Channel, received_unix_nanos: i64) {
+        if self.entries.is_empty() {
+            self.received_unix_nanos = received_unix_nanos;
+        }
+        self.entries.push(Entry {
+            channel,
+            end: self.body.len() as u32,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub fn finish(self) -> EncodedPackets {
         EncodedPackets {
             body: self.body.freeze(),
             entries: self.entries,
+            sequence_width: self.sequence_width,
+            received_unix_nanos: self.received_unix_nanos,
         }
     }
 }
 
-/// A batch as the hub stores it: pre-encoded packets plus their first sequence.
+/// A numbered batch as the hub keeps it: `packets` records ready to send.
 #[derive(Debug)]
 pub struct SequencedBatch {
     pub first_sequence: u64,
-    pub packets: EncodedPackets,
+    body: Bytes,
+    entries: Vec<Entry>,
+    received_unix_nanos: i64,
 }
 
 impl SequencedBatch {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// One past the last sequence in this batch.
     pub fn end_sequence(&self) -> u64 {
-        self.first_sequence + self.packets.len() as u64
+        self.first_sequence + self.entries.len() as u64
+    }
+
+    pub fn channel(&self, index: usize) -> Channel {
+        self.entries[index].channel
+    }
+
+    pub fn received_unix_nanos(&self) -> i64 {
+        self.received_unix_nanos
+    }
+
+    /// Bytes held by this batch (what memory accounting charges).
+    pub fn byte_size(&self) -> usize {
+        self.body.len() + self.entries.len() * std::mem::size_of::<Entry>()
     }
 
     /// Encoded size of packet `index` as a `SubscribeResponse.packets` record.
     pub fn record_len(&self, index: usize) -> usize {
-        let packet_len = self.packet_len(index);
-        1 + varint_len(packet_len as u64) + packet_len
+        self.byte_range(index..index + 1).len()
     }
 
-    fn packet_len(&self, index: usize) -> usize {
-        let sequence = self.first_sequence + index as u64;
-        1 + varint_len(sequence) + self.packets.body(index).len()
+    fn byte_range(&self, packets: Range<usize>) -> Range<usize> {
+        let start = match packets.start {
+            0 => 0,
+            first => self.entries[first - 1].end as usize,
+        };
+        let end = match packets.end {
+            0 => 0,
+            end => self.entries[end - 1].end as usize,
+        };
+        start..end.max(start)
     }
 
-    fn encode_record(&self, index: usize, dst: &mut impl BufMut) {
-        let sequence = self.first_sequence + index as u64;
-        dst.put_u8(RESPONSE_PACKETS_TAG);
-        put_varint(dst, self.packet_len(index) as u64);
-        dst.put_u8(PACKET_SEQUENCE_TAG);
-        put_varint(dst, sequence);
-        dst.put_slice(self.packets.body(index));
+    /// The largest `end` such that the records of `start..end` take at most
+    /// `room` bytes.
+    pub fn packets_within(&self, start: usize, room: usize) -> usize {
+        let limit = self.byte_range(start..start).start + room;
+        start + self.entries[start..].partition_point(|entry| entry.end as usize <= limit)
+    }
+
+    /// The records of `packets`, sharing this batch's buffer.
+    pub fn records(&self, packets: Range<usize>) -> Bytes {
+        self.body.slice(self.byte_range(packets))
+    }
+
+    /// All records, e.g. for writing the batch to disk as delivered.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// True while some delivery still holds part of this batch's buffer.
+    pub fn is_referenced_elsewhere(&self) -> bool {
+        !self.body.is_unique()
     }
 }
 
 /// Which channels a subscriber wants; empty means all.
 #[derive(Clone, Debug, Default)]
-pub struct ChannelFilter(Option<Arc<[u32]>>);
+pub struct ChannelFilter(Option<std::sync::Arc<[u32]>>);
 
 impl ChannelFilter {
     pub fn new(mut channels: Vec<u32>) -> Self {
@@ -216,69 +469,239 @@ impl ChannelFilter {
     }
 }
 
-/// A run of one stored batch that a subscriber is about to receive.
-#[derive(Debug)]
-pub struct Segment {
-    pub batch: Arc<SequencedBatch>,
-    pub range: Range<usize>,
-}
-
-/// One `SubscribeResponse` on its way out, encoded lazily by `DeliveryEncoder`.
+/// One `SubscribeResponse` on its way out: `missed`, then runs of records
+/// shared with the hub's batches.
 #[derive(Debug, Default)]
 pub struct Delivery {
     pub missed: u64,
-    pub segments: Vec<Segment>,
-    pub filter: ChannelFilter,
-    /// Encoded size of the packet records, computed while collecting.
-    pub encoded_len: usize,
+    records: Vec<Bytes>,
+    records_len: usize,
+    packets: usize,
 }
 
 impl Delivery {
-    fn encode(&self, dst: &mut EncodeBuf<'_>) {
-        dst.reserve(self.encoded_len + 11);
-        if self.missed > 0 {
-            dst.put_u8(RESPONSE_MISSED_TAG);
-            put_varint(dst, self.missed);
+    /// An empty response: the heartbeat of an idle stream.
+    pub fn heartbeat() -> Self {
+        Delivery::default()
+    }
+
+    /// Appends a run of `packets` consecutive records.
+    pub fn push(&mut self, records: Bytes, packets: usize) {
+        if records.is_empty() {
+            return;
         }
-        for segment in &self.segments {
-            for index in segment.range.clone() {
-                if self.filter.matches(segment.batch.packets.channel(index)) {
-                    segment.batch.encode_record(index, dst);
+        self.records_len += records.len();
+        self.packets += packets;
+        self.records.push(records);
+    }
+
+    pub fn packets(&self) -> usize {
+        self.packets
+    }
+
+    /// Encoded size of the packet records so far.
+    pub fn records_len(&self) -> usize {
+        self.records_len
+    }
+
+    /// The response as gRPC message chunks: a prefix (length and `missed`),
+    /// then the shared records, to be sent one after another.
+    pub fn into_chunks(self) -> impl Iterator<Item = Bytes> {
+        let missed_len = match self.missed {
+            0 => 0,
+            missed => 1 + varint_len(missed),
+        };
+        let mut prefix = BytesMut::with_capacity(GRPC_PREFIX_LEN + missed_len);
+        prefix.put_u8(0); // not compressed
+        prefix.put_u32((missed_len + self.records_len) as u32);
+        if self.missed > 0 {
+            prefix.put_u8(RESPONSE_MISSED_TAG);
+            put_varint(&mut prefix, self.missed);
+        }
+        std::iter::once(prefix.freeze()).chain(self.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{Packet, SubscribeResponse};
+    use prost::Message;
+
+    const SOURCE: &str = "tcp/127.0.0.1:5000";
+
+    fn fields(channel: u32, payload: &[u8], source_sequence: u64, nanos: i64) -> PacketFields<'_> {
+        PacketFields {
+            channel: Channel(channel),
+            payload,
+            digest: &[7u8; 32],
+            source: SOURCE,
+            source_sequence,
+            received_unix_nanos: nanos,
+        }
+    }
+
+    fn decode(delivery: Delivery) -> SubscribeResponse {
+        let bytes: Vec<u8> = delivery
+            .into_chunks()
+            .flat_map(|chunk| chunk.to_vec())
+            .collect();
+        assert_eq!(bytes[0], 0, "uncompressed");
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        assert_eq!(len, bytes.len() - GRPC_PREFIX_LEN, "prefix length");
+        SubscribeResponse::decode(&bytes[GRPC_PREFIX_LEN..]).expect("prost decodes it")
+    }
+
+    fn expected(sequence: u64, f: &PacketFields<'_>) -> Packet {
+        Packet {
+            sequence,
+            channel: f.channel.0,
+            payload: Bytes::copy_from_slice(f.payload),
+            digest: Bytes::copy_from_slice(f.digest),
+            source: f.source.to_owned(),
+            source_sequence: f.source_sequence,
+            received_unix_nanos: f.received_unix_nanos,
+        }
+    }
+
+    #[test]
+    fn varints_match_prost_at_every_width_boundary() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut ours = BytesMut::new();
+            put_varint(&mut ours, value);
+            let mut theirs = Vec::new();
+            prost::encoding::encode_varint(value, &mut theirs);
+            assert_eq!(&ours[..], &theirs[..], "{value}");
+            assert_eq!(varint_len(value), theirs.len(), "{value}");
+            assert_eq!(read_varint(&ours), Some((value, theirs.len())));
+        }
+        assert_eq!(read_varint(&[0x80, 0x80]), None);
+    }
+
+    #[test]
+    fn records_decode_as_prost_packets_at_boundary_values() {
+        let big = vec![0xAB; 200];
+        let cases = [
+            fields(0, b"", 0, 0),
+            fields(1, b"x", 1, 1),
+            fields(127, &big[..127], 127, -1),
+            fields(128, &big[..128], 128, i64::MIN),
+            fields(u32::MAX, &big, u64::MAX, i64::MAX),
+        ];
+        // First sequences on both sides of each varint width change.
+        for first in [1, 126, 127, 128, 16_382, 16_383, 16_384, u64::MAX - 8] {
+            for expected_sequence in [1, first, 16_384, u64::MAX - 8] {
+                let mut builder = EncodedPacketsBuilder::with_capacity(0, 0, expected_sequence);
+                for case in &cases {
+                    builder.push(case);
+                }
+                let batch = builder.finish().stamp(first);
+                assert_eq!(batch.first_sequence, first);
+                assert_eq!(batch.end_sequence(), first + cases.len() as u64);
+                let mut delivery = Delivery::default();
+                delivery.push(batch.records(0..batch.len()), batch.len());
+                let response = decode(delivery);
+                let want: Vec<Packet> = cases
+                    .iter()
+                    .enumerate()
+                    .map(|(offset, case)| expected(first + offset as u64, case))
+                    .collect();
+                assert_eq!(
+                    response.packets, want,
+                    "first {first}, guess {expected_sequence}"
+                );
+                assert_eq!(response.missed, 0);
+                for (index, case) in cases.iter().enumerate() {
+                    assert_eq!(batch.channel(index), case.channel);
+                    let mut alone = Delivery::default();
+                    alone.push(batch.records(index..index + 1), 1);
+                    assert_eq!(alone.records_len(), batch.record_len(index));
+                    assert_eq!(decode(alone).packets, vec![want[index].clone()]);
                 }
             }
         }
     }
-}
 
-/// Writes `Delivery` values as `SubscribeResponse` bytes.
-#[derive(Debug, Default)]
-pub struct DeliveryEncoder;
-
-impl Encoder for DeliveryEncoder {
-    type Item = Delivery;
-    type Error = Status;
-
-    fn encode(&mut self, item: Delivery, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst);
-        Ok(())
-    }
-}
-
-/// Codec for `Subscribe`: prost decodes the request, `DeliveryEncoder` writes responses.
-#[derive(Debug, Default)]
-pub struct SubscribeCodec;
-
-impl Codec for SubscribeCodec {
-    type Encode = Delivery;
-    type Decode = crate::pb::SubscribeRequest;
-    type Encoder = DeliveryEncoder;
-    type Decoder = tonic_prost::ProstDecoder<crate::pb::SubscribeRequest>;
-
-    fn encoder(&mut self) -> DeliveryEncoder {
-        DeliveryEncoder
+    #[test]
+    fn stamping_in_place_copies_nothing() {
+        let mut builder = EncodedPacketsBuilder::with_capacity(2, 256, 300);
+        builder.push(&fields(1, b"one", 0, 5));
+        builder.push(&fields(2, b"two", 1, 5));
+        let packets = builder.finish();
+        let before = packets.body.as_ptr();
+        let batch = packets.stamp(300);
+        assert_eq!(batch.body.as_ptr(), before);
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+    #[test]
+    fn missed_and_runs_of_several_batches_form_one_response() {
+        let mut first = EncodedPacketsBuilder::with_capacity(0, 0, 10);
+        let mut second = EncodedPacketsBuilder::with_capacity(0, 0, 10);
+        for index in 0..4u64 {
+            first.push(&fields(index as u32, b"a", index, 9));
+            second.push(&fields(index as u32, b"b", index + 4, 9));
+        }
+        let first = first.finish().stamp(10);
+        let second = second.finish().stamp(14);
+        let mut delivery = Delivery {
+            missed: 300,
+            ..Delivery::default()
+        };
+        delivery.push(first.records(1..2), 1);
+        delivery.push(first.records(3..4), 1);
+        delivery.push(second.records(0..4), 4);
+        delivery.push(second.records(2..2), 0);
+        assert_eq!(delivery.packets(), 6);
+        let response = decode(delivery);
+        assert_eq!(response.missed, 300);
+        let sequences: Vec<u64> = response.packets.iter().map(|p| p.sequence).collect();
+        assert_eq!(sequences, vec![11, 13, 14, 15, 16, 17]);
+    }
+
+    #[test]
+    fn heartbeat_is_an_empty_response() {
+        let response = decode(Delivery::heartbeat());
+        assert_eq!(response, SubscribeResponse::default());
+    }
+
+    #[test]
+    fn fields_round_trip_through_push_fields() {
+        let mut builder = EncodedPacketsBuilder::with_capacity(0, 0, 1);
+        builder.push(&fields(9, b"payload", 3, 77));
+        let packets = builder.finish();
+        let mut again = EncodedPacketsBuilder::with_capacity(0, 0, 200);
+        again.push_fields(Channel(9), packets.fields(0), 77);
+        let batch = again.finish().stamp(200);
+        let mut delivery = Delivery::default();
+        delivery.push(batch.records(0..1), 1);
+        assert_eq!(
+            decode(delivery).packets,
+            vec![expected(200, &fields(9, b"payload", 3, 77))]
+        );
+        assert_eq!(batch.received_unix_nanos(), 77);
+    }
+
+    #[test]
+    fn a_slice_held_by_a_delivery_marks_the_batch_referenced() {
+        let mut builder = EncodedPacketsBuilder::with_capacity(0, 0, 1);
+        builder.push(&fields(1, b"x", 0, 1));
+        let batch = builder.finish().stamp(1);
+        assert!(!batch.is_referenced_elsewhere());
+        let held = batch.records(0..1);
+        assert!(batch.is_referenced_elsewhere());
+        drop(held);
+        assert!(!batch.is_referenced_elsewhere());
     }
 }

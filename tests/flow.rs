@@ -91,6 +91,7 @@ async fn resume_from_beyond_next_sequence_is_out_of_range() {
         .subscribe(SubscribeRequest {
             channels: vec![],
             from_sequence: Some(5),
+            ..Default::default()
         })
         .await
         .expect_err("beyond next");

@@ -52,7 +52,7 @@ impl ClusterPublisher {
                 self.cluster.instance, self.connection, source_sequence
             );
             let subject = subject(batch.accepted.channel(index));
-            let body = batch.accepted.body_bytes(index);
+            let body = Bytes::copy_from_slice(batch.accepted.fields(index));
             let ack = self.send(&subject, &message_id, body.clone()).await?;
             self.in_flight.push_back(Pending {
                 ack,
@@ -148,17 +148,18 @@ pub enum Outlet {
 }
 
 impl Outlet {
-    /// Publishes a verified batch's accepted packets. May wait: that is backpressure.
-    pub async fn publish(&mut self, batch: VerifiedBatch) -> Result<(), ClusterError> {
+    /// Publishes a verified batch's accepted packets. May wait: that is
+    /// backpressure. Returns the last sequence assigned, when already known.
+    pub async fn publish(&mut self, batch: VerifiedBatch) -> Result<Option<u64>, ClusterError> {
         match self {
             Outlet::Hub { hub, last_sequence } => {
                 let range = hub.publish(batch.accepted).await;
                 if !range.is_empty() {
                     *last_sequence = Some(range.end - 1);
                 }
-                Ok(())
+                Ok(*last_sequence)
             }
-            Outlet::Cluster(publisher) => publisher.publish(&batch).await,
+            Outlet::Cluster(publisher) => publisher.publish(&batch).await.map(|()| None),
         }
     }
 

@@ -1,6 +1,9 @@
 //! A subscriber's side of the hub: its cursor into the shared ring, how it
 //! takes what is ready (filtered, size-capped, with lag handled by the
 //! slow-subscriber policy), and the clean-up when the client goes away.
+//!
+//! A delivery is built from slices of the ring's batches (one per run of
+//! packets the filter takes), so nothing is copied per subscriber.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -10,7 +13,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::{Hub, Next, Slot, SlowSubscriberPolicy, SubscriptionEnd};
-use crate::wire::{ChannelFilter, Delivery, Segment, SequencedBatch};
+use crate::wire::{ChannelFilter, Delivery, SequencedBatch};
 
 /// One subscriber's cursor into the hub. Dropping it releases everything at once.
 pub struct Subscription {
@@ -18,7 +21,8 @@ pub struct Subscription {
     pub(super) slot: Arc<Slot>,
     pub(super) cursor: u64,
     pub(super) pending_missed: u64,
-    /// Filtered subscribers: packets of their channels with sequence < cursor.
+    /// Filtered subscribers: packets of their channels with sequence < cursor
+    /// (counted from when the hub started watching those channels).
     pub(super) matched_before_cursor: u64,
     pub(super) filter: ChannelFilter,
     pub(super) head: watch::Receiver<u64>,
@@ -57,8 +61,8 @@ impl Subscription {
         loop {
             let batches = {
                 let ring = self.hub.lock();
-                if self.slot.kicked.load(Ordering::Acquire) {
-                    return Take::End(SubscriptionEnd::Stuck(self.hub.config.block_timeout));
+                if let Some(end) = self.slot.end_reason() {
+                    return Take::End(end);
                 }
                 let oldest = ring.oldest_sequence();
                 if self.cursor < oldest {
@@ -118,39 +122,21 @@ impl Subscription {
 
     /// Walks `batches` from the cursor, up to `max_bytes` of matching packets.
     fn collect(&mut self, batches: Vec<Arc<SequencedBatch>>, max_bytes: usize) -> Option<Delivery> {
-        let mut delivery = Delivery {
-            filter: self.filter.clone(),
-            ..Delivery::default()
-        };
-        let mut matched = 0u64;
+        let mut delivery = Delivery::default();
         for batch in batches {
             // Sequences between batches that were never assigned are skipped, not missed.
             self.cursor = self.cursor.max(batch.first_sequence);
             let start = (self.cursor - batch.first_sequence) as usize;
-            let mut end = start;
-            while end < batch.packets.len() {
-                if self.filter.matches(batch.packets.channel(end)) {
-                    let len = batch.record_len(end);
-                    if delivery.encoded_len > 0 && delivery.encoded_len + len > max_bytes {
-                        break;
-                    }
-                    delivery.encoded_len += len;
-                    matched += 1;
-                }
-                end += 1;
-            }
+            let (end, full) = match self.filter.channels() {
+                None => take_all(&batch, start, max_bytes, &mut delivery),
+                Some(_) => take_matching(&batch, start, &self.filter, max_bytes, &mut delivery),
+            };
             self.cursor = batch.first_sequence + end as u64;
-            let full = end < batch.packets.len();
-            if end > start {
-                delivery.segments.push(Segment {
-                    batch,
-                    range: start..end,
-                });
-            }
             if full {
                 break;
             }
         }
+        let matched = delivery.packets() as u64;
         self.matched_before_cursor += matched;
         if matched == 0 {
             return None;
@@ -175,10 +161,72 @@ impl Subscription {
     }
 }
 
+/// Unfiltered: one slice from `start`, as many packets as fit in `max_bytes`
+/// (at least one). Returns the end index and whether the delivery is full.
+fn take_all(
+    batch: &SequencedBatch,
+    start: usize,
+    max_bytes: usize,
+    delivery: &mut Delivery,
+) -> (usize, bool) {
+    let room = max_bytes.saturating_sub(delivery.records_len());
+    let mut end = batch.packets_within(start, room);
+    if end == start && delivery.records_len() == 0 && start < batch.len() {
+        end = start + 1; // one packet always goes, whatever its size
+    }
+    delivery.push(batch.records(start..end), end - start);
+    (end, end < batch.len())
+}
+
+/// Filtered: one slice per run of matching packets from `start`.
+fn take_matching(
+    batch: &SequencedBatch,
+    start: usize,
+    filter: &ChannelFilter,
+    max_bytes: usize,
+    delivery: &mut Delivery,
+) -> (usize, bool) {
+    let mut index = start;
+    let mut run: Option<usize> = None;
+    let mut run_bytes = 0;
+    let mut full = false;
+    while index < batch.len() {
+        if filter.matches(batch.channel(index)) {
+            let len = batch.record_len(index);
+            if delivery.records_len() + run_bytes + len > max_bytes
+                && delivery.records_len() + run_bytes > 0
+            {
+                full = true;
+                break;
+            }
+            run_bytes += len;
+            run.get_or_insert(index);
+        } else if let Some(run_start) = run.take() {
+            delivery.push(batch.records(run_start..index), index - run_start);
+            run_bytes = 0;
+        }
+        index += 1;
+    }
+    if let Some(run_start) = run {
+        delivery.push(batch.records(run_start..index), index - run_start);
+    }
+    (index, full)
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut ring = self.hub.lock();
         ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
+        if let Some(channels) = self.filter.channels() {
+            for channel in channels {
+                if let Some(watch) = ring.watched.get_mut(channel) {
+                    watch.subscribers -= 1;
+                    if watch.subscribers == 0 {
+                        ring.watched.remove(channel);
+                    }
+                }
+            }
+        }
         drop(ring);
         self.hub.metrics.subscribers.dec();
         self.hub.progress.notify_waiters();

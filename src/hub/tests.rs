@@ -1,7 +1,8 @@
 //! Unit tests of the hub: sequencing, replay, lag policies, memory bounds.
 
 use super::*;
-use crate::wire::{EncodedPacketsBuilder, PacketFields};
+use crate::wire::{Delivery, EncodedPacketsBuilder, PacketFields};
+use tokio_util::sync::CancellationToken;
 
 fn hub(policy: SlowSubscriberPolicy, retain: u64, memory: usize) -> Arc<Hub> {
     Hub::new(
@@ -18,7 +19,7 @@ fn hub(policy: SlowSubscriberPolicy, retain: u64, memory: usize) -> Arc<Hub> {
 
 fn batch(channels: &[u32], payload_size: usize) -> EncodedPackets {
     let payload = vec![0xAB; payload_size];
-    let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0);
+    let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0, 1);
     for (index, channel) in channels.iter().enumerate() {
         builder.push(&PacketFields {
             channel: crate::frame::Channel(*channel),
@@ -32,22 +33,23 @@ fn batch(channels: &[u32], payload_size: usize) -> EncodedPackets {
     builder.finish()
 }
 
-fn sequences(delivery: &Delivery) -> Vec<u64> {
-    delivery
-        .segments
-        .iter()
-        .flat_map(|segment| {
-            segment
-                .range
-                .clone()
-                .filter(|index| {
-                    delivery
-                        .filter
-                        .matches(segment.batch.packets.channel(*index))
-                })
-                .map(|index| segment.batch.first_sequence + index as u64)
-        })
-        .collect()
+/// Sequences of the packets a delivery carries, decoded with prost.
+fn sequences(delivery: Delivery) -> (u64, Vec<u64>) {
+    use prost::Message;
+    let bytes: Vec<u8> = delivery
+        .into_chunks()
+        .flat_map(|chunk| chunk.to_vec())
+        .collect();
+    let response = crate::pb::SubscribeResponse::decode(&bytes[crate::wire::GRPC_PREFIX_LEN..])
+        .expect("decodes");
+    (
+        response.missed,
+        response
+            .packets
+            .iter()
+            .map(|packet| packet.sequence)
+            .collect(),
+    )
 }
 
 async fn next_delivery(subscription: &mut Subscription) -> Delivery {
@@ -76,7 +78,7 @@ async fn replay_then_live_has_no_duplicate_and_no_gap() {
     hub.publish(batch(&[1; 2], 4)).await;
     let mut seen = Vec::new();
     while seen.len() < 5 {
-        seen.extend(sequences(&next_delivery(&mut subscription).await));
+        seen.extend(sequences(next_delivery(&mut subscription).await).1);
     }
     assert_eq!(seen, vec![3, 4, 5, 6, 7]);
 }
@@ -92,8 +94,7 @@ async fn from_sequence_older_than_retained_reports_missed() {
         .subscribe(ChannelFilter::default(), Some(1))
         .expect("subscribe");
     let delivery = next_delivery(&mut subscription).await;
-    assert_eq!(delivery.missed, 6);
-    assert_eq!(sequences(&delivery), vec![7, 8, 9, 10]);
+    assert_eq!(sequences(delivery), (6, vec![7, 8, 9, 10]));
 }
 
 #[tokio::test]
@@ -120,9 +121,9 @@ async fn lagging_subscriber_in_gap_mode_gets_exact_missed_count() {
         hub.publish(batch(&[1, 1], 4)).await;
     }
     let delivery = next_delivery(&mut slow).await;
-    let got = sequences(&delivery);
-    assert_eq!(delivery.missed + got.len() as u64, 20);
-    assert_eq!(got.first().copied(), Some(delivery.missed + 1));
+    let (missed, got) = sequences(delivery);
+    assert_eq!(missed + got.len() as u64, 20);
+    assert_eq!(got.first().copied(), Some(missed + 1));
 }
 
 #[tokio::test]
@@ -164,7 +165,10 @@ async fn block_mode_waits_for_the_slowest_then_cuts_it_after_the_timeout() {
         .subscribe(ChannelFilter::default(), None)
         .expect("subscribe");
     hub.publish(batch(&[1, 1, 1, 1], 4)).await;
-    assert_eq!(sequences(&next_delivery(&mut live).await), vec![1, 2, 3, 4]);
+    assert_eq!(
+        sequences(next_delivery(&mut live).await).1,
+        vec![1, 2, 3, 4]
+    );
     // Full: `stuck` has read nothing, so the next publish waits, then cuts it.
     let started = Instant::now();
     let range = hub.publish(batch(&[1], 4)).await;
@@ -174,7 +178,7 @@ async fn block_mode_waits_for_the_slowest_then_cuts_it_after_the_timeout() {
         stuck.next(Duration::from_secs(1)).await,
         Next::End(SubscriptionEnd::Stuck(_))
     ));
-    assert_eq!(sequences(&next_delivery(&mut live).await), vec![5]);
+    assert_eq!(sequences(next_delivery(&mut live).await).1, vec![5]);
 }
 
 #[tokio::test]
@@ -188,10 +192,10 @@ async fn block_mode_resumes_as_soon_as_the_slowest_reads() {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move { hub.publish(batch(&[1, 1], 4)).await })
     };
-    assert_eq!(sequences(&next_delivery(&mut slow).await), vec![1, 2]);
+    assert_eq!(sequences(next_delivery(&mut slow).await).1, vec![1, 2]);
     let range = publisher.await.expect("publisher");
     assert_eq!(range, 3..5);
-    assert_eq!(sequences(&next_delivery(&mut slow).await), vec![3, 4]);
+    assert_eq!(sequences(next_delivery(&mut slow).await).1, vec![3, 4]);
 }
 
 #[tokio::test]
@@ -203,7 +207,7 @@ async fn filtered_subscriber_skips_other_channels_without_waking_the_client() {
     hub.publish(batch(&[1, 1, 1], 4)).await;
     hub.publish(batch(&[1, 2, 1], 4)).await;
     let delivery = next_delivery(&mut only_two).await;
-    assert_eq!(sequences(&delivery), vec![5]);
+    assert_eq!(sequences(delivery).1, vec![5]);
 }
 
 #[tokio::test]
@@ -214,7 +218,7 @@ async fn closing_drains_then_ends_subscribers() {
         .expect("subscribe");
     hub.publish(batch(&[1], 4)).await;
     hub.close();
-    assert_eq!(sequences(&next_delivery(&mut subscription).await), vec![1]);
+    assert_eq!(sequences(next_delivery(&mut subscription).await).1, vec![1]);
     assert!(matches!(
         subscription.next(Duration::from_secs(1)).await,
         Next::End(SubscriptionEnd::ShuttingDown)
@@ -248,13 +252,10 @@ async fn filtered_subscriber_that_lags_is_told_exactly_how_many_of_its_packets_i
         hub.publish(batch(&[1, 2, 1, 1], 4)).await;
     }
     let delivery = next_delivery(&mut only_two).await;
-    let delivered = sequences(&delivery).len() as u64;
-    assert!(delivery.missed > 0);
-    assert_eq!(
-        delivery.missed + delivered,
-        50,
-        "missed counts channel 2 only"
-    );
+    let (missed, got) = sequences(delivery);
+    let delivered = got.len() as u64;
+    assert!(missed > 0);
+    assert_eq!(missed + delivered, 50, "missed counts channel 2 only");
 }
 
 #[tokio::test(start_paused = true)]
@@ -279,4 +280,97 @@ async fn filtered_subscriber_gets_heartbeats_while_other_channels_are_busy() {
     ));
     assert!(started.elapsed() < Duration::from_millis(150));
     busy.abort();
+}
+
+#[tokio::test]
+async fn a_delivery_held_after_eviction_stays_charged_until_released() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 1_000_000, 64 * 1024);
+    let mut reader = hub
+        .subscribe(ChannelFilter::default(), None)
+        .expect("subscribe");
+    hub.publish(batch(&[1], 20_000)).await;
+    // The stream has taken the first batch but not sent it (a stalled client).
+    let held = next_delivery(&mut reader).await;
+    for _ in 0..10 {
+        hub.publish(batch(&[1], 20_000)).await;
+    }
+    let stats = hub.stats();
+    assert!(stats.pinned_bytes >= 20_000, "{stats:?}");
+    assert!(
+        stats.retained_bytes + stats.pinned_bytes <= 64 * 1024,
+        "ring and pinned deliveries share the limit: {stats:?}"
+    );
+    drop(held);
+    hub.publish(batch(&[1], 10)).await;
+    assert_eq!(hub.stats().pinned_bytes, 0);
+}
+
+#[tokio::test]
+async fn pinned_memory_over_half_the_limit_closes_the_laggards_connection() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 1_000_000, 64 * 1024);
+    let connection = CancellationToken::new();
+    let mut stalled = hub
+        .subscribe_with(SubscribeOptions {
+            close_connection: Some(connection.clone()),
+            ..SubscribeOptions::default()
+        })
+        .expect("subscribe");
+    let mut healthy = hub
+        .subscribe(ChannelFilter::default(), None)
+        .expect("subscribe");
+    hub.publish(batch(&[1, 1], 20_000)).await;
+    let held = next_delivery(&mut stalled).await;
+    // 40 KB stays pinned by `held` once the ring moves past it.
+    for _ in 0..10 {
+        hub.publish(batch(&[1], 4_000)).await;
+        let _ = next_delivery(&mut healthy).await;
+    }
+    assert!(connection.is_cancelled(), "{:?}", hub.stats());
+    assert!(matches!(
+        stalled.next(Duration::from_secs(1)).await,
+        Next::End(SubscriptionEnd::HoldingMemory)
+    ));
+    drop(held);
+    hub.publish(batch(&[1], 10)).await;
+    assert_eq!(hub.stats().pinned_bytes, 0);
+}
+
+#[tokio::test]
+async fn channel_bookkeeping_exists_only_for_channels_someone_filters_on() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 4, 1 << 20);
+    for channel in 0..1_000u32 {
+        hub.publish(batch(&[channel, channel + 1_000_000], 4)).await;
+    }
+    assert!(hub.lock().watched.is_empty());
+    let filtered = hub
+        .subscribe(ChannelFilter::new(vec![5, 6]), None)
+        .expect("subscribe");
+    assert_eq!(hub.lock().watched.len(), 2);
+    drop(filtered);
+    assert!(hub.lock().watched.is_empty());
+}
+
+#[tokio::test]
+async fn filtered_resume_from_the_middle_of_the_ring_counts_exact_losses() {
+    let hub = hub(SlowSubscriberPolicy::Gap, 8, 1 << 20);
+    for _ in 0..4 {
+        hub.publish(batch(&[1, 2], 4)).await;
+    }
+    // Resume at 5 (channel 1 packets: 5 and 7), then let the ring move on.
+    let mut resumed = hub
+        .subscribe(ChannelFilter::new(vec![1]), Some(5))
+        .expect("subscribe");
+    for _ in 0..20 {
+        hub.publish(batch(&[1, 2], 4)).await;
+    }
+    let mut missed = 0;
+    let mut got = Vec::new();
+    while got.last().copied() != Some(47) {
+        let (lost, sequences) = sequences(next_delivery(&mut resumed).await);
+        missed += lost;
+        got.extend(sequences);
+    }
+    // Channel 1 holds the odd sequences 5..=47: 22 packets, each seen or missed.
+    assert_eq!(missed + got.len() as u64, 22, "{got:?}");
+    assert!(got.iter().all(|sequence| sequence % 2 == 1));
 }

@@ -56,6 +56,7 @@ pub async fn subscribe(
         .subscribe(SubscribeRequest {
             channels,
             from_sequence,
+            ..Default::default()
         })
         .await
         .expect("subscribe")

@@ -1,0 +1,448 @@
+//! The gRPC port: the `packetingest.v1.Packets` service, and what serves it.
+//!
+//! - [`transport`]: connections on hyper directly: the connection cap with
+//!   idle eviction, TLS and HTTP/2 handshake deadlines, HTTP/2 limits.
+//! - [`routes`]: health and reflection (tonic's, outside every limit) next to
+//!   `Packets` (behind auth, the concurrency limit and load shedding).
+//! - [`framing`]: reading request messages and writing responses.
+//! - this module: the three methods.
+//!
+//! The `Packets` methods are served without tonic's codec: a Subscribe
+//! response is written as the hub's shared, pre-encoded slices (tonic would
+//! copy each response into a per-stream buffer, so a stalled stream would hold
+//! a private megabyte), and Publish reads its messages under the ingest budget
+//! (tonic would buffer a partial message outside any limit). Clients see
+//! ordinary gRPC: the tests use tonic's generated client, CI uses grpcurl and
+//! Python's grpcio.
+//!
+//! A Subscribe stream owns its hub `Subscription` and its `--max-subscribers`
+//! permit, so both are released the moment the stream is dropped (client gone,
+//! stream ended). Heartbeats keep idle streams alive through proxies.
+
+pub mod framing;
+pub mod routes;
+pub mod transport;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{body::Body, transport::server::TcpConnectInfo, Status};
+
+use crate::{
+    cluster::Cluster,
+    connections::Activity,
+    error::ServiceError,
+    frame::{Channel, Digest, Frame, FLAG_HMAC},
+    hub::{Hub, HubStats, Next, SubscribeOptions, SubscriptionEnd},
+    ingest::unix_nanos_now,
+    metrics::Metrics,
+    pb::{PublishRequest, PublishResponse, StreamInfoResponse, SubscribeRequest},
+    producer::{Producer, ProducerContext},
+    verify::FrameBatch,
+    wire::{ChannelFilter, Delivery},
+};
+use framing::{MessageReader, MessageStream};
+
+/// Response header naming the stream (SPEC §7).
+pub const STREAM_ID_HEADER: &str = "packet-ingest-stream-id";
+/// Requests a Publish stream gathers into one verification batch when they are
+/// already buffered; a lone request is never held back waiting for more.
+const PUBLISH_BATCH: usize = 256;
+/// Wire bytes of one Publish verification batch, at most.
+const PUBLISH_BATCH_BYTES: usize = 256 * 1024;
+/// Cluster mode: how long Subscribe waits for this replica to reach a
+/// `from_sequence` that the shared stream already has.
+const CLUSTER_CATCH_UP: Duration = Duration::from_secs(5);
+/// A unary request message must arrive within this after the headers.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which stream this server serves (SPEC §7).
+#[derive(Clone, Debug)]
+pub struct StreamIdentity {
+    pub id: Arc<str>,
+    /// Survives restarts (`--data-dir` or cluster mode).
+    pub durable: bool,
+}
+
+impl StreamIdentity {
+    /// A new random id: memory mode, where every process start is a new stream.
+    pub fn ephemeral() -> Self {
+        let random: u128 = rand::random();
+        StreamIdentity {
+            id: Arc::from(format!("mem-{random:032x}")),
+            durable: false,
+        }
+    }
+}
+
+/// The limits and context of the `Packets` methods.
+pub struct PacketsService {
+    pub hub: Arc<Hub>,
+    pub identity: StreamIdentity,
+    /// Where Publish packets go, and what verifies them.
+    pub producer: ProducerContext,
+    /// Set in cluster mode: serves `from_sequence` older than local history.
+    pub cluster: Option<Arc<Cluster>>,
+    pub metrics: Arc<Metrics>,
+    pub subscriber_permits: Arc<Semaphore>,
+    pub max_subscribers: usize,
+    pub publisher_permits: Arc<Semaphore>,
+    pub max_publishers: usize,
+    pub max_filter_channels: usize,
+    pub publish_idle_timeout: Duration,
+    pub heartbeat: Duration,
+    pub max_payload: u32,
+    /// Fired when shutdown starts: new streams are refused.
+    pub draining: CancellationToken,
+}
+
+/// Where a call comes from, as the transport recorded it.
+fn peer(request: &http::Request<Body>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+}
+
+impl PacketsService {
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(&self.identity.id) {
+            headers.insert(STREAM_ID_HEADER, value);
+        }
+        headers
+    }
+
+    fn refuse(&self, error: ServiceError) -> http::Response<Body> {
+        if let Some(reason) = error.refusal_reason() {
+            self.metrics.requests_refused.inc(reason);
+        }
+        framing::refusal(error.into(), self.headers())
+    }
+
+    /// Largest Subscribe request: every channel of the largest filter, not packed.
+    fn max_subscribe_request(&self) -> usize {
+        self.max_filter_channels * 6 + 1024
+    }
+
+    pub async fn subscribe(&self, request: http::Request<Body>) -> http::Response<Body> {
+        match self.start_subscription(request).await {
+            Ok(stream) => framing::response(self.headers(), stream),
+            Err(status) => framing::refusal(status, self.headers()),
+        }
+    }
+
+    async fn start_subscription(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<MessageStream, Status> {
+        let refused = |error: ServiceError| -> Status {
+            if let Some(reason) = error.refusal_reason() {
+                self.metrics.requests_refused.inc(reason);
+            }
+            error.into()
+        };
+        if self.draining.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let peer = peer(&request);
+        let close_connection = request
+            .extensions()
+            .get::<Arc<Activity>>()
+            .map(|activity| activity.closer());
+        let mut reader = MessageReader::new(
+            request.into_body(),
+            self.max_subscribe_request(),
+            "a Subscribe request names at most --max-filter-channels channels",
+            None,
+        );
+        let request: SubscribeRequest = read_unary(&mut reader).await.inspect_err(|status| {
+            if status.code() == tonic::Code::InvalidArgument {
+                self.metrics.requests_refused.inc("malformed_request");
+            }
+        })?;
+        if !request.stream_id.is_empty() && *request.stream_id != *self.identity.id {
+            return Err(refused(ServiceError::StreamMismatch {
+                requested: request.stream_id,
+                current: self.identity.id.to_string(),
+            }));
+        }
+        let filter = ChannelFilter::new(request.channels);
+        let count = filter.channels().map_or(0, <[u32]>::len);
+        if count > self.max_filter_channels {
+            return Err(refused(ServiceError::FilterTooLarge {
+                count,
+                limit: self.max_filter_channels,
+            }));
+        }
+        let permit = Arc::clone(&self.subscriber_permits)
+            .try_acquire_owned()
+            .map_err(|_| {
+                refused(ServiceError::TooManySubscribers {
+                    limit: self.max_subscribers,
+                })
+            })?;
+        if let (Some(cluster), Some(from)) = (&self.cluster, request.from_sequence) {
+            // A client moving between replicas may ask for a sequence this
+            // replica's consumer has not reached yet: wait a little for it.
+            if from > self.hub.next_sequence()
+                && cluster
+                    .next_sequence()
+                    .await
+                    .is_ok_and(|stream_next| from <= stream_next)
+            {
+                let _ =
+                    tokio::time::timeout(CLUSTER_CATCH_UP, self.hub.wait_for_sequence(from)).await;
+            }
+        }
+        let subscription = self
+            .hub
+            .subscribe_with(SubscribeOptions {
+                filter,
+                from_sequence: request.from_sequence,
+                replay_elsewhere: self.cluster.is_some(),
+                close_connection,
+            })
+            .map_err(|error| Status::from(ServiceError::from(error)))?;
+        // Cluster mode: what the local history no longer holds comes from JetStream first.
+        let replay = match (&self.cluster, request.from_sequence) {
+            (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => {
+                Some(cluster.replay(
+                    from.max(1),
+                    subscription.cursor(),
+                    subscription.filter().clone(),
+                ))
+            }
+            _ => None,
+        };
+        tracing::debug!(peer = ?peer, from = ?request.from_sequence, "subscriber joined");
+        let live = deliveries(
+            subscription,
+            permit,
+            self.heartbeat,
+            Arc::clone(&self.metrics),
+        );
+        let stream = match replay {
+            Some(replay) => replay.chain(live).boxed(),
+            None => live.boxed(),
+        };
+        Ok(Box::pin(stream.map(|delivery| {
+            delivery.map(|delivery| delivery.into_chunks().collect())
+        })))
+    }
+
+    pub async fn publish(&self, request: http::Request<Body>) -> http::Response<Body> {
+        if self.draining.is_cancelled() {
+            return self.refuse(ServiceError::ShuttingDown);
+        }
+        let Ok(_permit) = Arc::clone(&self.publisher_permits).try_acquire_owned() else {
+            return self.refuse(ServiceError::TooManyPublishers {
+                limit: self.max_publishers,
+            });
+        };
+        self.metrics.publishers.inc();
+        let source = match peer(&request) {
+            Some(addr) => format!("grpc/{addr}"),
+            None => "grpc/unknown".to_owned(),
+        };
+        let reader = MessageReader::new(
+            request.into_body(),
+            self.max_payload as usize + 64 * 1024,
+            "a Publish payload is at most --max-payload bytes",
+            Some(self.producer.budget.charge()),
+        );
+        let outcome = self.run_publish(reader, Arc::from(source)).await;
+        self.metrics.publishers.dec();
+        match outcome {
+            Ok(totals) => {
+                let message = framing::encode(&PublishResponse {
+                    accepted: totals.accepted,
+                    rejected: totals.rejected,
+                    last_sequence: totals.last_sequence.unwrap_or_default(),
+                });
+                framing::response(
+                    self.headers(),
+                    Box::pin(futures::stream::iter([Ok(vec![message])])),
+                )
+            }
+            Err(status) => framing::refusal(status, self.headers()),
+        }
+    }
+
+    /// Reads, verifies and publishes one upload. The first problem ends it;
+    /// packets before it still go through.
+    async fn run_publish(
+        &self,
+        mut reader: MessageReader,
+        source: Arc<str>,
+    ) -> Result<crate::producer::ProducerTotals, Status> {
+        let mut producer = Producer::new(&self.producer, source);
+        let mut refusal: Option<Status> = None;
+        let mut input_done = false;
+        let mut last_message = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                Some(verified) = producer.next_verified(), if !producer.is_idle() => {
+                    if let Err(error) = producer.publish(verified).await {
+                        refusal = refusal.or(Some(ServiceError::from(error).into()));
+                        input_done = true;
+                    }
+                }
+                _ = tokio::time::sleep_until(last_message + self.publish_idle_timeout),
+                    if !input_done && producer.has_room() => {
+                    self.metrics.requests_refused.inc("publish_idle");
+                    refusal = Some(ServiceError::PublishIdle(self.publish_idle_timeout).into());
+                    input_done = true;
+                }
+                first = reader.next(), if !input_done && producer.has_room() => {
+                    last_message = Instant::now();
+                    let mut batch = FrameBatch {
+                        received_unix_nanos: unix_nanos_now(),
+                        ..FrameBatch::default()
+                    };
+                    let mut bytes = 0;
+                    let mut next = Some(first);
+                    // Take whatever else is already here, without waiting.
+                    while let Some(message) = next.take() {
+                        match message.and_then(|message| message.ok_or(Status::ok(""))) {
+                            Ok(message) => match framing::decode::<PublishRequest>(message)
+                                .and_then(|request| self.frame_from(request).map_err(Status::from))
+                            {
+                                Ok(frame) => {
+                                    bytes += frame.wire_len();
+                                    batch.frames.push(frame);
+                                }
+                                Err(status) => refusal = Some(status),
+                            },
+                            Err(status) if status.code() == tonic::Code::Ok => input_done = true,
+                            Err(status) => refusal = Some(status),
+                        }
+                        if refusal.is_some() {
+                            input_done = true;
+                        }
+                        if !input_done && batch.frames.len() < PUBLISH_BATCH && bytes < PUBLISH_BATCH_BYTES {
+                            next = match reader.next_now() {
+                                Ok(Some(message)) => Some(Ok(Some(message))),
+                                Ok(None) if reader.is_finished() => Some(Ok(None)),
+                                Ok(None) => None,
+                                Err(status) => Some(Err(status)),
+                            };
+                        }
+                    }
+                    batch.charge = reader.charge_for_taken();
+                    if !batch.frames.is_empty() {
+                        producer.submit(batch);
+                    }
+                }
+                else => break,
+            }
+        }
+        let finished = producer.finish().await;
+        match (refusal, finished) {
+            (Some(status), _) => Err(status),
+            (None, Err(error)) => Err(ServiceError::from(error).into()),
+            (None, Ok(totals)) => Ok(totals),
+        }
+    }
+
+    pub async fn stream_info(&self, request: http::Request<Body>) -> http::Response<Body> {
+        let mut reader = MessageReader::new(
+            request.into_body(),
+            1024,
+            "StreamInfoRequest has no fields",
+            None,
+        );
+        if let Err(status) = read_unary::<crate::pb::StreamInfoRequest>(&mut reader).await {
+            return framing::refusal(status, self.headers());
+        }
+        let stats = self.hub.stats();
+        let message = framing::encode(&self.stream_info_response(&stats));
+        framing::response(
+            self.headers(),
+            Box::pin(futures::stream::iter([Ok(vec![message])])),
+        )
+    }
+
+    pub fn stream_info_response(&self, stats: &HubStats) -> StreamInfoResponse {
+        StreamInfoResponse {
+            stream_id: self.identity.id.to_string(),
+            first_sequence: stats.oldest_sequence,
+            next_sequence: stats.next_sequence,
+            retained_packets: stats.retained_packets,
+            retained_bytes: stats.retained_bytes,
+            oldest_received_unix_nanos: stats.oldest_received_unix_nanos,
+            durable: self.identity.durable,
+        }
+    }
+
+    /// Turns a request into the frame a TCP producer would have sent.
+    fn frame_from(&self, request: PublishRequest) -> Result<Frame, ServiceError> {
+        if request.payload.len() > self.max_payload as usize {
+            return Err(ServiceError::PayloadTooLong {
+                length: request.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        if request.hmac && !self.producer.pool.verifier().has_hmac_key() {
+            return Err(ServiceError::HmacNotConfigured);
+        }
+        let flags = if request.hmac { FLAG_HMAC } else { 0 };
+        // A digest of the wrong length is counted as a mismatch like any other:
+        // all zeros stands in for it (no input hashes to it in practice).
+        let digest = <[u8; 32]>::try_from(request.digest.as_ref()).unwrap_or([0u8; 32]);
+        Ok(Frame::new(
+            Channel(request.channel),
+            flags,
+            request.payload,
+            Digest(digest),
+        ))
+    }
+}
+
+/// Reads the one request message of a unary or server-streaming call.
+async fn read_unary<M: prost::Message + Default>(reader: &mut MessageReader) -> Result<M, Status> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await {
+        Err(_) => Err(ServiceError::RequestTimeout(REQUEST_TIMEOUT).into()),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(None)) => Err(ServiceError::MissingRequest.into()),
+        Ok(Ok(Some(message))) => framing::decode(message),
+    }
+}
+
+/// A subscription's live deliveries: heartbeats when idle, and the status
+/// that ends it. Holds the `--max-subscribers` permit while it lives.
+fn deliveries(
+    subscription: crate::hub::Subscription,
+    permit: OwnedSemaphorePermit,
+    heartbeat: Duration,
+    metrics: Arc<Metrics>,
+) -> impl futures::Stream<Item = Result<Delivery, Status>> + Send + 'static {
+    let state = (subscription, permit, false);
+    futures::stream::unfold(state, move |(mut subscription, permit, done)| {
+        let metrics = Arc::clone(&metrics);
+        async move {
+            if done {
+                return None;
+            }
+            let (item, done) = match subscription.next(heartbeat).await {
+                Next::Delivery(delivery) => (Ok(delivery), false),
+                Next::Idle => (Ok(Delivery::heartbeat()), false),
+                Next::End(end) => {
+                    if end != SubscriptionEnd::HoldingMemory {
+                        metrics.subscribers_disconnected.add(end.reason(), 1, 0);
+                    }
+                    tracing::debug!(%end, "ending subscriber stream");
+                    (Err(Status::from(ServiceError::from(end))), true)
+                }
+            };
+            Some((item, (subscription, permit, done)))
+        }
+    })
+}

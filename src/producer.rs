@@ -1,0 +1,143 @@
+//! The one producer path, shared by TCP connections and Publish streams:
+//! frames in arrival order in, verified on the pool (in order), accepted
+//! packets published to the outlet (the hub, or the cluster stream), the
+//! ingest budget returned once they are published.
+//!
+//! A source drives it with two `select!` arms: submit while `has_room`, and
+//! `next_verified` (then `publish` in the arm's handler) while not idle.
+//! Publishing first keeps memory low; a full pipeline, or a publish that
+//! waits in its handler (block mode, JetStream acks), stops the source being
+//! read.
+
+use std::sync::Arc;
+
+use crate::{
+    budget::IngestBudget,
+    cluster::{ClusterError, Destination, Outlet},
+    metrics::Metrics,
+    verify::{FrameBatch, OrderedPipeline, VerifiedBatch, VerifyPool},
+};
+
+/// What every producer shares.
+#[derive(Clone)]
+pub struct ProducerContext {
+    pub pool: VerifyPool,
+    pub destination: Destination,
+    pub metrics: Arc<Metrics>,
+    pub budget: IngestBudget,
+    /// Verification batches one producer may have in flight.
+    pub max_in_flight: usize,
+}
+
+/// Counts for one producer, as Publish reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProducerTotals {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Sequence of the last accepted packet, once published.
+    pub last_sequence: Option<u64>,
+}
+
+/// One source's verify-then-publish stage.
+pub struct Producer {
+    pipeline: OrderedPipeline,
+    outlet: Outlet,
+    metrics: Arc<Metrics>,
+    totals: ProducerTotals,
+    /// After the outlet fails nothing more is published.
+    failed: bool,
+}
+
+impl Producer {
+    pub fn new(context: &ProducerContext, source: Arc<str>) -> Self {
+        Producer {
+            pipeline: OrderedPipeline::new(context.pool.clone(), source, context.max_in_flight),
+            outlet: context.destination.outlet(),
+            metrics: Arc::clone(&context.metrics),
+            totals: ProducerTotals::default(),
+            failed: false,
+        }
+    }
+
+    pub fn source(&self) -> &Arc<str> {
+        self.pipeline.source()
+    }
+
+    /// True while another batch may be submitted.
+    pub fn has_room(&self) -> bool {
+        !self.failed && self.pipeline.has_room()
+    }
+
+    /// True when nothing submitted is waiting to be published.
+    pub fn is_idle(&self) -> bool {
+        self.pipeline.is_idle()
+    }
+
+    /// Sends a batch to the pool; its frames take the next source sequences.
+    pub fn submit(&mut self, batch: FrameBatch) {
+        self.pipeline.submit(batch);
+    }
+
+    /// Counts a frame that never reached verification (keeps the index gap visible).
+    pub fn skip_source_sequence(&mut self) {
+        self.pipeline.skip_source_sequence();
+    }
+
+    /// The oldest submitted batch, once verified. Cancel-safe, so it can be a
+    /// `select!` branch; publish what it returns in the branch's handler.
+    pub async fn next_verified(&mut self) -> Option<VerifiedBatch> {
+        self.pipeline.next().await
+    }
+
+    /// Publishes a verified batch's accepted packets; may wait (that is the
+    /// backpressure). An error means the outlet cannot store packets: later
+    /// batches are dropped.
+    pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<(), ClusterError> {
+        self.metrics.record_batch(&verified);
+        self.totals.rejected += verified.rejected_packets();
+        if verified.rejected_packets() > 0 {
+            tracing::debug!(
+                rejected = verified.rejected_packets(),
+                "dropped frames that failed verification"
+            );
+        }
+        if self.failed {
+            return Ok(());
+        }
+        let accepted = verified.accepted.len() as u64;
+        // Returned once the packets are the hub's (or JetStream's) to account for.
+        let _charge = verified.charge.take();
+        match self.outlet.publish(verified).await {
+            Ok(last) => {
+                self.totals.accepted += accepted;
+                if last.is_some() {
+                    self.totals.last_sequence = last;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.failed = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Publishes everything still in flight and waits until it is stored.
+    pub async fn finish(&mut self) -> Result<ProducerTotals, ClusterError> {
+        let mut outcome = Ok(());
+        while let Some(verified) = self.next_verified().await {
+            if let Err(error) = self.publish(verified).await {
+                outcome = outcome.and(Err(error));
+            }
+        }
+        outcome?;
+        if let Some(last) = self.outlet.finish().await? {
+            self.totals.last_sequence = Some(last);
+        }
+        Ok(self.totals)
+    }
+
+    pub fn totals(&self) -> ProducerTotals {
+        self.totals
+    }
+}
