@@ -52,7 +52,9 @@ SERVICE_FLAGS="grpc-addr ingest-addr metrics-addr max-payload max-connections ma
   subscriber-buffer history memory-limit slow-subscriber block-timeout heartbeat hmac-key-file
   require-hmac auth-token-file tls-cert tls-key tls-client-ca shutdown-grace log-format
   concurrency-limit request-timeout load-shed http2-keepalive-interval http2-keepalive-timeout
-  cluster-nats cluster-stream verify-threads"
+  cluster-nats cluster-stream verify-threads ingest-idle-timeout frame-timeout ingest-memory-limit
+  max-grpc-connections grpc-handshake-timeout max-streams-per-connection max-publishers
+  publish-idle-timeout max-filter-channels"
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'chart-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -738,6 +740,7 @@ refusals=(
   "client CA without tls ;; clientCA.enabled needs tls.enabled ;; --set tls.clientCA.enabled=true --set tls.clientCA.cert=x"
   "gRPC probes with TLS ;; plaintext only ;; --set tls.enabled=true --set tls.existingSecret=x --set probes.mode=grpc"
   "memory budget above the container limit ;; must be below resources.limits.memory ;; --set config.memoryLimit=536870912"
+  "ingest budget below two frames ;; must hold two frames ;; --set config.ingestMemoryLimit=2097152"
   "PDB without bounds ;; needs minAvailable or maxUnavailable ;; --set podDisruptionBudget.maxUnavailable=null"
   "image digest format ;; digest.*match.*pattern ;; --set image.digest=latest"
 )

@@ -10,12 +10,41 @@
 //!
 //! A tokio `Semaphore` with one permit per byte does the bookkeeping: waiting
 //! is FIFO, so a large frame is not starved by a stream of small ones.
+//!
+//! Partial frames are what hostile producers hold: a thousand connections
+//! that each send all but the last byte of a large frame would otherwise
+//! keep the budget until `--frame-timeout`, and every honest producer would
+//! wait as long. So a producer that has waited `EVICT_AFTER_WAIT` for budget
+//! closes the connection whose unfinished frame is oldest (if it is older
+//! than `STALE_PARTIAL`): honest frames complete in milliseconds, stalled
+//! ones are the oldest. Connections register their unfinished frame with
+//! [`IngestBudget::hold_partial`] for this.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+
+/// How long a producer waits for budget before it evicts a stalled frame.
+const EVICT_AFTER_WAIT: Duration = Duration::from_millis(100);
+/// An unfinished frame younger than this is never evicted.
+pub const STALE_PARTIAL: Duration = Duration::from_secs(1);
+
+/// Unfinished frames (or Publish messages) holding budget, by registration.
+#[derive(Debug, Default)]
+struct Partials {
+    next_id: u64,
+    open: HashMap<u64, (Instant, CancellationToken)>,
+}
 
 /// The shared budget. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -23,6 +52,30 @@ pub struct IngestBudget {
     semaphore: Arc<Semaphore>,
     total: usize,
     metrics: Arc<Metrics>,
+    partials: Arc<Mutex<Partials>>,
+}
+
+/// An unfinished frame's registration; dropping it unregisters.
+#[derive(Debug)]
+pub struct PartialFrame {
+    partials: Arc<Mutex<Partials>>,
+    id: u64,
+}
+
+impl PartialFrame {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for PartialFrame {
+    fn drop(&mut self) {
+        self.partials
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .open
+            .remove(&self.id);
+    }
 }
 
 impl IngestBudget {
@@ -31,7 +84,56 @@ impl IngestBudget {
             semaphore: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             total,
             metrics,
+            partials: Arc::default(),
         }
+    }
+
+    /// Registers an unfinished frame that started at `started`; `close`
+    /// closes its connection if it is evicted.
+    pub fn hold_partial(&self, started: Instant, close: CancellationToken) -> PartialFrame {
+        let mut partials = self
+            .partials
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let id = partials.next_id;
+        partials.next_id += 1;
+        partials.open.insert(id, (started, close));
+        PartialFrame {
+            partials: Arc::clone(&self.partials),
+            id,
+        }
+    }
+
+    /// Closes the connection holding the oldest stale unfinished frame
+    /// (other than `except`). True if one was closed.
+    fn evict_oldest_partial(&self, except: Option<u64>) -> bool {
+        let mut partials = self
+            .partials
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let oldest = partials
+            .open
+            .iter()
+            .filter(|(id, (started, close))| {
+                Some(**id) != except
+                    && !close.is_cancelled()
+                    && now.duration_since(*started) >= STALE_PARTIAL
+            })
+            .min_by_key(|(_, (started, _))| *started)
+            .map(|(id, _)| *id);
+        let Some(id) = oldest else {
+            return false;
+        };
+        if let Some((started, close)) = partials.open.remove(&id) {
+            close.cancel();
+            self.metrics.protocol_errors.add("frame_evicted", 1, 0);
+            tracing::info!(
+                age = ?now.duration_since(started),
+                "ingest budget exhausted; closing the connection with the oldest unfinished frame"
+            );
+        }
+        true
     }
 
     pub fn total(&self) -> usize {
@@ -80,18 +182,29 @@ impl Charge {
         self.budget.publish_gauge();
     }
 
-    /// Grows the charge by `bytes`, waiting for budget to be returned.
-    pub async fn grow(&mut self, bytes: usize) {
+    /// Grows the charge by `bytes`, waiting for budget to be returned; while
+    /// it waits, stale unfinished frames of other producers (not `own`) are
+    /// evicted, oldest first. Cancel-safe.
+    pub async fn grow(&mut self, bytes: usize, own: Option<&PartialFrame>) {
         if bytes == 0 {
             return;
         }
         let wanted = bytes.min(self.budget.total).min(u32::MAX as usize);
-        // The semaphore is never closed, so acquiring only waits.
-        if let Ok(permit) = Arc::clone(&self.budget.semaphore)
-            .acquire_many_owned(wanted as u32)
-            .await
-        {
-            self.add(permit, wanted);
+        let acquire = Arc::clone(&self.budget.semaphore).acquire_many_owned(wanted as u32);
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => {
+                    // The semaphore is never closed, so acquiring only waits.
+                    if let Ok(permit) = permit {
+                        self.add(permit, wanted);
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(EVICT_AFTER_WAIT) => {
+                    self.budget.evict_oldest_partial(own.map(PartialFrame::id));
+                }
+            }
         }
     }
 
@@ -175,15 +288,40 @@ mod tests {
     async fn a_waiting_grow_completes_when_budget_returns() {
         let budget = IngestBudget::new(100, Metrics::new());
         let mut first = budget.charge();
-        first.grow(80).await;
+        first.grow(80, None).await;
         let mut second = budget.charge();
         let waiting = tokio::spawn(async move {
-            second.grow(50).await;
+            second.grow(50, None).await;
             second.bytes()
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         drop(first);
         assert_eq!(waiting.await.expect("task"), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_producer_evicts_the_oldest_stale_partial_frame() {
+        let budget = IngestBudget::new(100, Metrics::new());
+        let (old, young) = (CancellationToken::new(), CancellationToken::new());
+        let mut old_charge = budget.charge();
+        old_charge.grow(60, None).await;
+        let _old_frame = budget.hold_partial(Instant::now(), old.clone());
+        tokio::time::advance(STALE_PARTIAL * 2).await;
+        let mut young_charge = budget.charge();
+        young_charge.grow(40, None).await;
+        let _young_frame = budget.hold_partial(Instant::now(), young.clone());
+        let mut waiter = budget.charge();
+        let waiting = tokio::spawn(async move {
+            waiter.grow(30, None).await;
+            waiter.bytes()
+        });
+        // The waiter closes the old frame's connection; its charge goes with it.
+        while !old.is_cancelled() {
+            tokio::time::advance(EVICT_AFTER_WAIT).await;
+        }
+        assert!(!young.is_cancelled(), "a young frame is never evicted");
+        drop(old_charge);
+        assert_eq!(waiting.await.expect("task"), 30);
     }
 }

@@ -176,6 +176,23 @@ impl ConnectionSlots {
         }
     }
 
+    /// A slot now if one is free; when all are taken, evicts the one idle
+    /// longest (if any is idle long enough) and waits up to `wait` for its
+    /// slot. `None` means refuse the newcomer.
+    pub async fn try_admit(self: &Arc<Self>, wait: Duration) -> Option<ConnectionSlot> {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return Some(self.register(permit));
+        }
+        if !self.evict_longest_idle() {
+            return None;
+        }
+        let permit = tokio::time::timeout(wait, Arc::clone(&self.permits).acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        Some(self.register(permit))
+    }
+
     fn register(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> ConnectionSlot {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity {
@@ -309,6 +326,22 @@ mod tests {
         assert!(!second.activity().close.is_cancelled());
         drop(first);
         assert!(pending.await.expect("task").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_admit_refuses_when_nobody_is_idle_and_evicts_when_someone_is() {
+        let slots = ConnectionSlots::new("test", 1);
+        let held = slots.try_admit(Duration::ZERO).await.expect("free slot");
+        assert!(slots.try_admit(Duration::from_secs(1)).await.is_none());
+        tokio::time::advance(EVICTABLE_AFTER).await;
+        let newcomer = {
+            let slots = Arc::clone(&slots);
+            tokio::spawn(async move { slots.try_admit(Duration::from_secs(1)).await.is_some() })
+        };
+        tokio::task::yield_now().await;
+        assert!(held.activity().close.is_cancelled());
+        drop(held);
+        assert!(newcomer.await.expect("task"));
     }
 
     #[tokio::test]

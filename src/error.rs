@@ -29,6 +29,8 @@ pub enum ServiceError {
     MissingRequest,
     #[error("no Publish message arrived for {0:?} (--publish-idle-timeout); packets before that were accepted, open a new stream to send more")]
     PublishIdle(Duration),
+    #[error("this Publish stream sent nothing for a while and was closed to make room for another (--max-publishers); packets before were accepted, open a new stream to send more")]
+    PublishDisplaced,
     #[error("payload of {length} bytes is over the limit of {max} bytes (--max-payload); packets before it were accepted")]
     PayloadTooLong { length: usize, max: u32 },
     #[error("packet is HMAC-flagged but this server has no HMAC key (--hmac-key-file); packets before it were accepted")]
@@ -49,6 +51,7 @@ impl ServiceError {
             ServiceError::StreamMismatch { .. } => Some("stream_mismatch"),
             ServiceError::RequestTimeout(_) => Some("request_timeout"),
             ServiceError::PublishIdle(_) => Some("publish_idle"),
+            ServiceError::PublishDisplaced => Some("publish_displaced"),
             _ => None,
         }
     }
@@ -65,9 +68,9 @@ impl From<ServiceError> for Status {
                 | SubscriptionEnd::Stuck(_)
                 | SubscriptionEnd::HoldingMemory,
             ) => Code::ResourceExhausted,
-            ServiceError::TooManySubscribers { .. } | ServiceError::TooManyPublishers { .. } => {
-                Code::ResourceExhausted
-            }
+            ServiceError::TooManySubscribers { .. }
+            | ServiceError::TooManyPublishers { .. }
+            | ServiceError::PublishDisplaced => Code::ResourceExhausted,
             ServiceError::FilterTooLarge { .. }
             | ServiceError::PayloadTooLong { .. }
             | ServiceError::MissingRequest => Code::InvalidArgument,
@@ -144,6 +147,7 @@ mod tests {
                 ServiceError::PublishIdle(Duration::from_secs(1)),
                 Code::DeadlineExceeded,
             ),
+            (ServiceError::PublishDisplaced, Code::ResourceExhausted),
             (
                 ServiceError::PayloadTooLong { length: 9, max: 8 },
                 Code::InvalidArgument,

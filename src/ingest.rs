@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    budget::Charge,
+    budget::{Charge, IngestBudget, PartialFrame},
     connections::{Acceptor, ConnectionSlots},
     frame::{FrameDecoder, FrameLimits},
     metrics::Metrics,
@@ -152,8 +152,11 @@ impl Connection<'_> {
         tracing::debug!("producer connected");
         let source: Arc<str> = Arc::from(format!("tcp/{}", self.peer));
         let mut producer = Producer::new(&self.context.producer, source);
-        let mut reader =
-            FrameReader::new(self.context.limits, self.context.producer.budget.charge());
+        let mut reader = FrameReader::new(
+            self.context.limits,
+            self.context.producer.budget.clone(),
+            self.activity.closer(),
+        );
         let mut ended: Option<Ended> = None;
         let mut last_read = Instant::now();
 
@@ -224,21 +227,28 @@ impl Connection<'_> {
 struct FrameReader {
     buf: BytesMut,
     decoder: FrameDecoder,
+    budget: IngestBudget,
     /// Budget held for the bytes in `buf` (and, during a read, its spare room).
     charge: Charge,
     /// When the frame now in `buf` started arriving.
     frame_started: Option<Instant>,
+    /// That frame, registered with the budget (which may evict it if stale).
+    partial: Option<PartialFrame>,
+    close: CancellationToken,
     /// The last read filled all the room it had: the producer is streaming.
     streaming: bool,
 }
 
 impl FrameReader {
-    fn new(limits: FrameLimits, charge: Charge) -> Self {
+    fn new(limits: FrameLimits, budget: IngestBudget, close: CancellationToken) -> Self {
         FrameReader {
             buf: BytesMut::new(),
             decoder: FrameDecoder::new(limits),
-            charge,
+            charge: budget.charge(),
+            budget,
             frame_started: None,
+            partial: None,
+            close,
             streaming: false,
         }
     }
@@ -280,7 +290,7 @@ impl FrameReader {
         let room = self.next_read_size();
         if !self.charge.try_grow(room) {
             let _waiting = activity.busy();
-            self.charge.grow(room).await;
+            self.charge.grow(room, self.partial.as_ref()).await;
         }
         self.compact_if_idle();
         self.buf.reserve(room);
@@ -344,11 +354,15 @@ impl FrameReader {
             producer.submit(batch);
         }
         self.charge.shrink_to(self.buf.len());
-        self.frame_started = match (self.buf.is_empty(), completed_any, self.frame_started) {
+        let started = match (self.buf.is_empty(), completed_any, self.frame_started) {
             (true, _, _) => None,
             (false, true, _) | (false, false, None) => Some(Instant::now()),
             (false, false, started) => started,
         };
+        if started != self.frame_started {
+            self.partial = started.map(|at| self.budget.hold_partial(at, self.close.clone()));
+            self.frame_started = started;
+        }
         outcome
     }
 }

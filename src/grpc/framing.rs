@@ -26,7 +26,12 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tonic::{body::Body, Status};
 
-use crate::{budget::Charge, wire::GRPC_PREFIX_LEN};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    budget::{Charge, IngestBudget, PartialFrame},
+    wire::GRPC_PREFIX_LEN,
+};
 
 pub const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 
@@ -49,15 +54,14 @@ pub struct MessageReader {
     end_of_stream: bool,
     /// Budget held for what `buf` holds (Publish); `None` for small requests.
     charge: Option<Charge>,
+    /// With a budget: the budget, the unfinished message registered with
+    /// it, and what closes this call's connection if it is evicted.
+    budget: Option<(IngestBudget, CancellationToken)>,
+    partial: Option<PartialFrame>,
 }
 
 impl MessageReader {
-    pub fn new(
-        body: Body,
-        max_message: usize,
-        limit: &'static str,
-        charge: Option<Charge>,
-    ) -> Self {
+    pub fn new(body: Body, max_message: usize, limit: &'static str) -> Self {
         MessageReader {
             body,
             buf: BytesMut::new(),
@@ -65,8 +69,18 @@ impl MessageReader {
             max_message,
             limit,
             end_of_stream: false,
-            charge,
+            charge: None,
+            budget: None,
+            partial: None,
         }
+    }
+
+    /// Charges what this reader buffers to `budget`; an unfinished message
+    /// that goes stale may be evicted by closing the connection (`close`).
+    pub fn with_budget(mut self, budget: &IngestBudget, close: CancellationToken) -> Self {
+        self.charge = Some(budget.charge());
+        self.budget = Some((budget.clone(), close));
+        self
     }
 
     /// The next message, waiting for the client as needed; `None` once the
@@ -121,8 +135,21 @@ impl MessageReader {
         })
     }
 
+    /// Registers an unfinished message with the budget, or unregisters.
+    fn note_partial(&mut self) {
+        match (&self.budget, self.buf.is_empty(), &self.partial) {
+            (Some((budget, close)), false, None) => {
+                self.partial =
+                    Some(budget.hold_partial(tokio::time::Instant::now(), close.clone()));
+            }
+            (_, true, Some(_)) => self.partial = None,
+            _ => {}
+        }
+    }
+
     fn take_buffered(&mut self) -> Result<Option<Bytes>, Status> {
         if self.buf.len() < GRPC_PREFIX_LEN {
+            self.note_partial();
             return Ok(None);
         }
         let compressed = self.buf[0];
@@ -145,10 +172,13 @@ impl MessageReader {
             return Err(too_large(length, self.max_message, self.limit));
         }
         if self.buf.len() < GRPC_PREFIX_LEN + length {
+            self.note_partial();
             return Ok(None);
         }
         self.buf.advance(GRPC_PREFIX_LEN);
-        Ok(Some(self.buf.split_to(length).freeze()))
+        let message = self.buf.split_to(length).freeze();
+        self.note_partial();
+        Ok(Some(message))
     }
 
     /// Buffers the next chunk of the body. Cancel-safe: a chunk taken off
@@ -169,7 +199,7 @@ impl MessageReader {
         // Charged before it is kept; `next` checks the prefix after every
         // chunk, so an oversized message is refused before it accumulates.
         if let Some(charge) = &mut self.charge {
-            charge.grow(len).await;
+            charge.grow(len, self.partial.as_ref()).await;
         }
         if let Some(data) = self.unbuffered.take() {
             self.buf.extend_from_slice(&data);
@@ -319,12 +349,8 @@ mod tests {
         let mut wire = framed(&first);
         wire.extend(framed(&second));
         for split in 0..=wire.len() {
-            let mut reader = MessageReader::new(
-                body_of(vec![&wire[..split], &wire[split..]]),
-                1024,
-                "test",
-                None,
-            );
+            let mut reader =
+                MessageReader::new(body_of(vec![&wire[..split], &wire[split..]]), 1024, "test");
             let a: SubscribeRequest =
                 decode(reader.next().await.expect("ok").expect("one")).expect("decodes");
             let b: SubscribeRequest =
@@ -338,14 +364,14 @@ mod tests {
     #[tokio::test]
     async fn oversized_malformed_and_truncated_requests_are_invalid_argument() {
         let big = framed(&vec![0u8; 2000]);
-        let mut reader = MessageReader::new(body_of(vec![&big[..10]]), 1024, "test", None);
+        let mut reader = MessageReader::new(body_of(vec![&big[..10]]), 1024, "test");
         assert_eq!(
             reader.next().await.expect_err("too big").code(),
             tonic::Code::InvalidArgument
         );
 
         let garbage = framed(&[0xFF, 0xFF, 0xFF]);
-        let mut reader = MessageReader::new(body_of(vec![&garbage]), 1024, "test", None);
+        let mut reader = MessageReader::new(body_of(vec![&garbage]), 1024, "test");
         let message = reader
             .next()
             .await
@@ -354,14 +380,13 @@ mod tests {
         let status = decode::<SubscribeRequest>(message).expect_err("not protobuf");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
-        let mut reader =
-            MessageReader::new(body_of(vec![&framed(b"abc")[..6]]), 1024, "test", None);
+        let mut reader = MessageReader::new(body_of(vec![&framed(b"abc")[..6]]), 1024, "test");
         assert_eq!(
             reader.next().await.expect_err("cut").code(),
             tonic::Code::InvalidArgument
         );
 
-        let mut reader = MessageReader::new(body_of(vec![&[2, 0, 0, 0, 0]]), 1024, "test", None);
+        let mut reader = MessageReader::new(body_of(vec![&[2, 0, 0, 0, 0]]), 1024, "test");
         assert_eq!(
             reader.next().await.expect_err("bad flag").code(),
             tonic::Code::InvalidArgument

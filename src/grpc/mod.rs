@@ -36,7 +36,7 @@ use tonic::{body::Body, transport::server::TcpConnectInfo, Status};
 
 use crate::{
     cluster::Cluster,
-    connections::Activity,
+    connections::{Activity, ConnectionSlots},
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
     hub::{Hub, HubStats, Next, SubscribeOptions, SubscriptionEnd},
@@ -59,6 +59,8 @@ const PUBLISH_BATCH_BYTES: usize = 256 * 1024;
 /// Cluster mode: how long Subscribe waits for this replica to reach a
 /// `from_sequence` that the shared stream already has.
 const CLUSTER_CATCH_UP: Duration = Duration::from_secs(5);
+/// How long a new Publish stream waits for an idle one it displaced.
+const PUBLISHER_EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// A unary request message must arrive within this after the headers.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -92,8 +94,8 @@ pub struct PacketsService {
     pub metrics: Arc<Metrics>,
     pub subscriber_permits: Arc<Semaphore>,
     pub max_subscribers: usize,
-    pub publisher_permits: Arc<Semaphore>,
-    pub max_publishers: usize,
+    /// Publish streams; when all are taken, the one idle longest gives way.
+    pub publishers: Arc<ConnectionSlots>,
     pub max_filter_channels: usize,
     pub publish_idle_timeout: Duration,
     pub heartbeat: Duration,
@@ -160,7 +162,6 @@ impl PacketsService {
             request.into_body(),
             self.max_subscribe_request(),
             "a Subscribe request names at most --max-filter-channels channels",
-            None,
         );
         let request: SubscribeRequest = read_unary(&mut reader).await.inspect_err(|status| {
             if status.code() == tonic::Code::InvalidArgument {
@@ -241,9 +242,9 @@ impl PacketsService {
         if self.draining.is_cancelled() {
             return self.refuse(ServiceError::ShuttingDown);
         }
-        let Ok(_permit) = Arc::clone(&self.publisher_permits).try_acquire_owned() else {
+        let Some(slot) = self.publishers.try_admit(PUBLISHER_EVICTION_WAIT).await else {
             return self.refuse(ServiceError::TooManyPublishers {
-                limit: self.max_publishers,
+                limit: self.publishers.limit(),
             });
         };
         self.metrics.publishers.inc();
@@ -251,13 +252,20 @@ impl PacketsService {
             Some(addr) => format!("grpc/{addr}"),
             None => "grpc/unknown".to_owned(),
         };
+        let close = request
+            .extensions()
+            .get::<Arc<Activity>>()
+            .map_or_else(CancellationToken::new, |activity| activity.closer());
         let reader = MessageReader::new(
             request.into_body(),
             self.max_payload as usize + 64 * 1024,
             "a Publish payload is at most --max-payload bytes",
-            Some(self.producer.budget.charge()),
-        );
-        let outcome = self.run_publish(reader, Arc::from(source)).await;
+        )
+        .with_budget(&self.producer.budget, close);
+        let outcome = self
+            .run_publish(reader, Arc::from(source), slot.activity())
+            .await;
+        drop(slot);
         self.metrics.publishers.dec();
         match outcome {
             Ok(totals) => {
@@ -281,12 +289,15 @@ impl PacketsService {
         &self,
         mut reader: MessageReader,
         source: Arc<str>,
+        activity: &Arc<Activity>,
     ) -> Result<crate::producer::ProducerTotals, Status> {
         let mut producer = Producer::new(&self.producer, source);
         let mut refusal: Option<Status> = None;
         let mut input_done = false;
         let mut last_message = Instant::now();
         loop {
+            // Held back by the server, an upload is not idle.
+            let _busy = (!producer.has_room() || !producer.is_idle()).then(|| activity.busy());
             tokio::select! {
                 biased;
                 Some(verified) = producer.next_verified(), if !producer.is_idle() => {
@@ -301,8 +312,14 @@ impl PacketsService {
                     refusal = Some(ServiceError::PublishIdle(self.publish_idle_timeout).into());
                     input_done = true;
                 }
+                _ = activity.closed(), if !input_done => {
+                    self.metrics.requests_refused.inc("publish_displaced");
+                    refusal = Some(ServiceError::PublishDisplaced.into());
+                    input_done = true;
+                }
                 first = reader.next(), if !input_done && producer.has_room() => {
                     last_message = Instant::now();
+                    activity.touch();
                     let mut batch = FrameBatch {
                         received_unix_nanos: unix_nanos_now(),
                         ..FrameBatch::default()
@@ -353,12 +370,8 @@ impl PacketsService {
     }
 
     pub async fn stream_info(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let mut reader = MessageReader::new(
-            request.into_body(),
-            1024,
-            "StreamInfoRequest has no fields",
-            None,
-        );
+        let mut reader =
+            MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields");
         if let Err(status) = read_unary::<crate::pb::StreamInfoRequest>(&mut reader).await {
             return framing::refusal(status, self.headers());
         }

@@ -305,7 +305,7 @@ Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
 {{- if and (gt ($v.preStopSleepSeconds | int) 0) (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail "preStopSleepSeconds needs Kubernetes >= 1.30 (the preStop sleep action)" }}
 {{- end }}
-{{- range $k := list "blockTimeout" "heartbeat" "requestTimeout" "http2KeepaliveInterval" "http2KeepaliveTimeout" }}
+{{- range $k := list "blockTimeout" "heartbeat" "requestTimeout" "http2KeepaliveInterval" "http2KeepaliveTimeout" "ingestIdleTimeout" "frameTimeout" "grpcHandshakeTimeout" "publishIdleTimeout" }}
 {{- $_ := include "packet-ingest.durationMillis" (list (printf "config.%s" $k) (get $v.config $k)) }}
 {{- end }}
 {{- $_ := include "packet-ingest.terminationGracePeriodSeconds" . }}
@@ -313,7 +313,11 @@ Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
 {{- if and $v.resources $v.resources.limits $v.resources.limits.memory }}
 {{- $limit = include "packet-ingest.quantityBytes" $v.resources.limits.memory }}
 {{- end }}
-{{- if and $limit (ge ($v.config.memoryLimit | int64) ($limit | int64)) }}
-{{- fail (printf "config.memoryLimit (%d bytes) must be below resources.limits.memory (%s = %s bytes): the service needs room beyond the packets it holds, or the kernel kills it instead of it shedding load" ($v.config.memoryLimit | int64) (toString $v.resources.limits.memory) $limit) }}
+{{- $budgets := add ($v.config.memoryLimit | int64) ($v.config.ingestMemoryLimit | int64) }}
+{{- if and $limit (ge ($budgets | int64) ($limit | int64)) }}
+{{- fail (printf "config.memoryLimit + config.ingestMemoryLimit (%d bytes) must be below resources.limits.memory (%s = %s bytes): the service needs room beyond the packets it holds, or the kernel kills it instead of it shedding load" ($budgets | int64) (toString $v.resources.limits.memory) $limit) }}
+{{- end }}
+{{- if lt ($v.config.ingestMemoryLimit | int64) (mul 2 (add ($v.config.maxPayload | int64) 65536)) }}
+{{- fail "config.ingestMemoryLimit must hold two frames: at least 2 x (maxPayload + 65536) bytes" }}
 {{- end }}
 {{- end }}
