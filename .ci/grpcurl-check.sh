@@ -182,6 +182,22 @@ else
     fail "describe packetingest.v1.SubscribeRequest (status $RC): $(cat "$WORK/out" "$WORK/err" | tr '\n' ' ')"
 fi
 
+# --- stream identity ------------------------------------------------------------------
+
+g -v "$GRPC" packetingest.v1.Packets/StreamInfo
+STREAM_ID=$(grep -o '"streamId": "[^"]*"' "$WORK/out" | cut -d'"' -f4)
+if ((RC == 0)) && [[ $STREAM_ID == mem-* ]] && grep -qi "packet-ingest-stream-id: $STREAM_ID" "$WORK/out"; then
+    pass "StreamInfo: streamId $STREAM_ID, the same in the packet-ingest-stream-id header"
+else
+    fail "StreamInfo (status $RC): $(cat "$WORK/out" "$WORK/err" | tr '\n' ' ')"
+fi
+g -d '{"from_sequence": 1, "stream_id": "mem-some-other-stream"}' "$GRPC" packetingest.v1.Packets/Subscribe
+if grep -q 'Code: FailedPrecondition' "$WORK/err" && grep -q "$STREAM_ID" "$WORK/err"; then
+    pass "Subscribe resuming another stream: FAILED_PRECONDITION naming $STREAM_ID"
+else
+    fail "Subscribe with a foreign stream_id (status $RC): $(cat "$WORK/out" "$WORK/err" | tr '\n' ' ')"
+fi
+
 # --- health ---------------------------------------------------------------------------
 
 for service in "" packetingest.v1.Packets; do

@@ -335,6 +335,22 @@ else
     fail "metrics: $(cat "$WORK/metrics.check")"
 fi
 
+# Stream identity: a resume within the stream works, one naming another stream is refused.
+STREAM_ID=$(grep -o '"stream_id": "[^"]*"' "$WORK/py_live.err" | head -n 1 | cut -d'"' -f4)
+if [[ -n $STREAM_ID ]]; then
+    pass "subscriber saw stream_id $STREAM_ID"
+    start py_same_stream "$PY" "${SUB[@]}" --from 1 --count 1 --stream-id "$STREAM_ID"
+    start py_other_stream "$PY" "${SUB[@]}" --from 1 --count 1 --stream-id mem-not-this-one
+    start rs_other_stream "${RSUB[@]}" --from 1 --count 1 --stream-id mem-not-this-one
+    finish py_same_stream 0 && pass "resume with the current stream_id replays"
+    if finish py_other_stream 6 && grep -q FAILED_PRECONDITION "$WORK/py_other_stream.err" \
+        && finish rs_other_stream 6 && grep -q "$STREAM_ID" "$WORK/rs_other_stream.err"; then
+        pass "resume naming another stream: FAILED_PRECONDITION naming $STREAM_ID (status 6, Python and Rust)"
+    fi
+else
+    fail "no stream_id in the Python subscriber's ready line"
+fi
+
 # --- shutdown -------------------------------------------------------------------------
 
 kill -TERM "$SERVER_PID"

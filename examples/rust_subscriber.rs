@@ -10,11 +10,20 @@
 //! `--no-gaps` that ends the run, status 5). Once the server has accepted the
 //! subscription, `{"ready":true}` goes to stderr; a summary line ends stderr.
 //!
+//! The server names its stream in the `packet-ingest-stream-id` response
+//! header (printed in the ready line and the summary). A resume sends it back
+//! (`--from SEQ --stream-id ID`): if the server's stream is another one (it
+//! restarted without its data) the call fails `FAILED_PRECONDITION`, so two
+//! streams are never mixed. With `--reconnect N` the subscriber resumes by
+//! itself after the server goes away, from the sequence after the last one
+//! it saw, within the same stream.
+//!
 //! Exit status: 0 after `--count` packets (or a clean end of stream); 1 gRPC or
 //! connection error (`OUT_OF_RANGE`: the server restarted, resubscribe); 3 a
 //! sequence that is not strictly increasing; 4 a digest that does not verify
 //! (`--verify`, plain SHA-256 packets); 5 missed packets with `--no-gaps`;
-//! 124 `--timeout` expired first.
+//! 6 the stream changed under a resume (`FAILED_PRECONDITION`); 124
+//! `--timeout` expired first.
 
 use std::{
     io::Write,
@@ -62,6 +71,12 @@ struct Args {
     /// Bearer token file (first non-empty, non-comment line), for --auth-token-file servers.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Resume only within this stream (the id a server sent before).
+    #[arg(long)]
+    stream_id: Option<String>,
+    /// Resume up to N times after the server goes away.
+    #[arg(long, default_value_t = 0)]
+    reconnect: u32,
 }
 
 fn digest_ok(packet: &Packet) -> bool {
@@ -92,36 +107,103 @@ struct Progress {
     seen: u64,
     missed: u64,
     last_sequence: Option<u64>,
+    stream_id: String,
 }
 
+/// Follows the stream, resuming after disconnections as `--reconnect` allows.
 async fn run(args: &Args, progress: &mut Progress) -> Result<u8, String> {
+    progress.stream_id = args.stream_id.clone().unwrap_or_default();
+    let mut attempts_left = args.reconnect;
+    loop {
+        match follow(args, progress).await {
+            Err(Failure::Unavailable(message)) if attempts_left > 0 => {
+                attempts_left -= 1;
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "reconnecting": true,
+                        "after": message,
+                        "from_sequence": progress.last_sequence.map(|last| last + 1),
+                        "stream_id": progress.stream_id,
+                    })
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(Failure::Unavailable(message) | Failure::Other(message)) => return Err(message),
+            Err(Failure::StreamChanged(message)) => {
+                eprintln!("rust_subscriber: {message}");
+                return Ok(6);
+            }
+            Ok(status) => return Ok(status),
+        }
+    }
+}
+
+enum Failure {
+    /// The server went away (or is shutting down): worth resuming.
+    Unavailable(String),
+    /// A resume found another stream (FAILED_PRECONDITION).
+    StreamChanged(String),
+    Other(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        let message = format!("{:?}: {}", status.code(), status.message());
+        match status.code() {
+            Code::Unavailable | Code::Unknown => Failure::Unavailable(message),
+            Code::FailedPrecondition => Failure::StreamChanged(message),
+            _ => Failure::Other(message),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Other(message)
+    }
+}
+
+/// One Subscribe call, from where the last one stopped.
+async fn follow(args: &Args, progress: &mut Progress) -> Result<u8, Failure> {
     let mut client = PacketsClient::connect(args.addr.clone())
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?
+        .map_err(|e| Failure::Unavailable(format!("cannot connect to {}: {e}", args.addr)))?
         .max_decoding_message_size(usize::MAX);
     let mut request = Request::new(SubscribeRequest {
         channels: args.channels.clone(),
-        from_sequence: args.from_sequence,
-        ..Default::default()
+        from_sequence: progress
+            .last_sequence
+            .map(|last| last + 1)
+            .or(args.from_sequence),
+        stream_id: progress.stream_id.clone(),
     });
     if let Some(value) = bearer(&args.token_file)? {
         request.metadata_mut().insert("authorization", value);
     }
-    let mut stream = match client.subscribe(request).await {
-        Ok(response) => response.into_inner(),
+    let response = match client.subscribe(request).await {
+        Ok(response) => response,
         Err(status)
             if status.code() == Code::OutOfRange && !status.message().contains("restart") =>
         {
-            return Err(format!(
+            return Err(Failure::Other(format!(
                 "OUT_OF_RANGE: {} (the server restarted: resubscribe)",
                 status.message()
-            ))
+            )))
         }
-        Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+        Err(status) => return Err(status.into()),
     };
+    if let Some(id) = response
+        .metadata()
+        .get("packet-ingest-stream-id")
+        .and_then(|value| value.to_str().ok())
+    {
+        progress.stream_id = id.to_owned();
+    }
+    let mut stream = response.into_inner();
     eprintln!(
         "{}",
-        serde_json::json!({ "ready": true, "addr": args.addr })
+        serde_json::json!({ "ready": true, "addr": args.addr, "stream_id": progress.stream_id })
     );
 
     let stdout = std::io::stdout();
@@ -129,7 +211,7 @@ async fn run(args: &Args, progress: &mut Progress) -> Result<u8, String> {
         let response = match stream.message().await {
             Ok(Some(response)) => response,
             Ok(None) => return Ok(0),
-            Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(status) => return Err(status.into()),
         };
         let mut out = stdout.lock();
         if response.missed > 0 {
@@ -221,6 +303,7 @@ async fn main() -> ExitCode {
             "received": progress.seen,
             "missed": progress.missed,
             "last_sequence": progress.last_sequence,
+            "stream_id": progress.stream_id,
             "status": status,
             "seconds": started.elapsed().as_secs_f64(),
         })

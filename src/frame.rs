@@ -399,4 +399,83 @@ mod tests {
             .expect("complete");
         assert_eq!(frame.payload.as_ptr() as usize, start + HEADER_LEN);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arbitrary_frame() -> impl Strategy<Value = Frame> {
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+                .prop_map(|(channel, payload)| sha256_frame(Channel(channel), Bytes::from(payload)))
+        }
+
+        /// Feeds `wire` cut at `cuts` (offsets, any order); returns the frames
+        /// and the first error.
+        fn feed(wire: &[u8], cuts: &[usize]) -> (Vec<Frame>, Option<FrameError>) {
+            let mut points: Vec<usize> = cuts.iter().map(|cut| cut % (wire.len() + 1)).collect();
+            points.push(wire.len());
+            points.sort_unstable();
+            let mut decoder = FrameDecoder::new(LIMITS);
+            let mut buf = BytesMut::new();
+            let mut frames = Vec::new();
+            let mut start = 0;
+            for end in points {
+                buf.extend_from_slice(&wire[start..end]);
+                start = end;
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => break,
+                        Err(error) => return (frames, Some(error)),
+                    }
+                }
+            }
+            (frames, None)
+        }
+
+        proptest! {
+            #[test]
+            fn valid_streams_decode_the_same_however_they_are_split(
+                frames in proptest::collection::vec(arbitrary_frame(), 0..8),
+                cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let wire = stream_of(&frames);
+                let (got, error) = feed(&wire, &cuts);
+                prop_assert!(error.is_none());
+                prop_assert_eq!(got.len(), frames.len());
+                for (a, b) in frames.iter().zip(&got) {
+                    prop_assert!(same(a, b));
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_give_the_same_outcome_whatever_the_split(
+                bytes in proptest::collection::vec(any::<u8>(), 0..600),
+                cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let (whole, whole_error) = feed(&bytes, &[]);
+                let (split, split_error) = feed(&bytes, &cuts);
+                prop_assert_eq!(whole_error, split_error);
+                prop_assert_eq!(whole.len(), split.len());
+                for (a, b) in whole.iter().zip(&split) {
+                    prop_assert!(same(a, b));
+                }
+            }
+
+            #[test]
+            fn a_valid_prefix_followed_by_garbage_keeps_the_valid_frames(
+                frames in proptest::collection::vec(arbitrary_frame(), 1..5),
+                garbage in proptest::collection::vec(any::<u8>(), 1..100),
+                cuts in proptest::collection::vec(any::<usize>(), 0..8),
+            ) {
+                let mut wire = stream_of(&frames).to_vec();
+                wire.extend_from_slice(&garbage);
+                let (got, _) = feed(&wire, &cuts);
+                prop_assert!(got.len() >= frames.len());
+                for (a, b) in frames.iter().zip(&got) {
+                    prop_assert!(same(a, b));
+                }
+            }
+        }
+    }
 }

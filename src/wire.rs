@@ -704,4 +704,40 @@ mod tests {
         drop(held);
         assert!(!batch.is_referenced_elsewhere());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_packets_stamped_with_any_sequence_decode_as_prost_does(
+                packets in proptest::collection::vec(
+                    (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..200), any::<u64>(), any::<i64>()),
+                    1..20,
+                ),
+                first in 1..u64::MAX / 2,
+                guess in any::<u64>(),
+                missed in any::<u64>(),
+            ) {
+                let mut builder = EncodedPacketsBuilder::with_capacity(0, 0, guess);
+                for (channel, payload, source_sequence, nanos) in &packets {
+                    builder.push(&fields(*channel, payload, *source_sequence, *nanos));
+                }
+                let batch = builder.finish().stamp(first);
+                let mut delivery = Delivery { missed, ..Delivery::default() };
+                delivery.push(batch.records(0..batch.len()), batch.len());
+                let response = decode(delivery);
+                prop_assert_eq!(response.missed, missed);
+                let want: Vec<Packet> = packets
+                    .iter()
+                    .enumerate()
+                    .map(|(offset, (channel, payload, source_sequence, nanos))| {
+                        expected(first + offset as u64, &fields(*channel, payload, *source_sequence, *nanos))
+                    })
+                    .collect();
+                prop_assert_eq!(response.packets, want);
+            }
+        }
+    }
 }

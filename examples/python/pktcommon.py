@@ -57,12 +57,19 @@ def payload(channel, index, size):
 
 
 def read_key(path):
-    """A key file's bytes with one trailing newline removed (as the server reads it)."""
+    """A key file's bytes with one trailing line ending (\\n or \\r\\n) removed,
+    exactly as the server and `packet-ingest send` read it (src/keyfile.rs)."""
     if path is None:
         return None
     with open(path, "rb") as f:
         key = f.read()
-    return key[:-1] if key.endswith(b"\n") else key
+    if key.endswith(b"\n"):
+        key = key[:-1]
+        if key.endswith(b"\r"):
+            key = key[:-1]
+    if not key:
+        sys.exit(f"error: key file {path} is empty")
+    return key
 
 
 def load_stubs():
