@@ -282,25 +282,46 @@ impl FrameReader {
     }
 
     /// One read, charged to the budget first (waiting for it if need be).
+    /// The charge covers the whole buffer this connection holds (its
+    /// capacity), not just the bytes in it: that is what the process pays.
     async fn read<S: AsyncRead + Unpin>(
         &mut self,
         stream: &mut S,
         activity: &Arc<crate::connections::Activity>,
     ) -> std::io::Result<usize> {
         let room = self.next_read_size();
-        if !self.charge.try_grow(room) {
-            let _waiting = activity.busy();
-            self.charge.grow(room, self.partial.as_ref()).await;
-        }
         self.compact_if_idle();
-        self.buf.reserve(room);
+        let grown =
+            (self.buf.capacity() - self.buf.len() < room).then(|| self.grown_capacity(room));
+        let holding = grown.unwrap_or(self.buf.capacity());
+        let needed = holding.saturating_sub(self.charge.bytes());
+        if !self.charge.try_grow(needed) {
+            let _waiting = activity.busy();
+            self.charge.grow(needed, self.partial.as_ref()).await;
+        }
+        if let Some(capacity) = grown {
+            // A new buffer of exactly this size (BytesMut::reserve may double
+            // it); the bytes of an unfinished frame move along.
+            let mut buf = BytesMut::with_capacity(capacity);
+            buf.extend_from_slice(&self.buf);
+            self.buf = buf;
+        }
         let spare = self.buf.capacity() - self.buf.len();
         let read = stream.read_buf(&mut self.buf).await;
         let got = *read.as_ref().unwrap_or(&0);
         self.streaming = got >= spare.min(room);
-        // Keep charged exactly what is buffered.
-        self.charge.shrink_to(self.buf.len());
         read
+    }
+
+    /// The capacity to grow to for `room` more bytes: a frame in progress
+    /// grows geometrically up to its own length (never past it, never
+    /// reserved before its bytes come); anything else gets `room`.
+    fn grown_capacity(&self, room: usize) -> usize {
+        let len = self.buf.len();
+        match self.decoder.pending_frame_len() {
+            Some(frame) if frame > len => (len + room).max((2 * len).min(frame)),
+            _ => len + room,
+        }
     }
 
     /// A connection that stopped streaming with a small leftover keeps it in
@@ -308,6 +329,7 @@ impl FrameReader {
     fn compact_if_idle(&mut self) {
         if !self.streaming && self.buf.capacity() > 2 * SMALL_READ && self.buf.len() < SMALL_READ {
             self.buf = BytesMut::from(&self.buf[..]);
+            self.charge.shrink_to(self.buf.capacity());
         }
     }
 
@@ -353,7 +375,8 @@ impl FrameReader {
             batch.charge = Some(self.charge.split_off(batch_bytes));
             producer.submit(batch);
         }
-        self.charge.shrink_to(self.buf.len());
+        // What stays charged: the buffer the connection keeps.
+        self.charge.shrink_to(self.buf.capacity());
         let started = match (self.buf.is_empty(), completed_any, self.frame_started) {
             (true, _, _) => None,
             (false, true, _) | (false, false, None) => Some(Instant::now()),
