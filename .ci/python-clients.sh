@@ -7,7 +7,7 @@
 # python3 with pip (and venv), cargo for the Rust examples. It
 #   - installs examples/python/requirements.txt with pip into a cached venv under
 #     ${XDG_CACHE_HOME:-$HOME/.cache}/packet-ingest-ci and runs examples/python/gen.sh;
-#   - builds examples/rust_{producer,subscriber}.rs (cargo build --release --examples;
+#   - builds crates/protocol/examples/rust_{producer,subscriber}.rs (cargo build --release --workspace --examples;
 #     PACKET_INGEST_SKIP_EXAMPLES_BUILD=1 uses what is in target/release/examples);
 #   - starts the server on 127.0.0.1:0 ports and reads the bound addresses from
 #     its JSON "packet-ingest listening" log line;
@@ -149,7 +149,7 @@ PYTHON="$PY" examples/python/gen.sh || die "examples/python/gen.sh failed"
 pass "pip install -r $REQS and gen.sh ($("$PY" -c 'import grpc; print("grpcio", grpc.__version__)'))"
 
 if [[ ${PACKET_INGEST_SKIP_EXAMPLES_BUILD:-} != 1 ]]; then
-    cargo build --release --examples --quiet 2>"$WORK/cargo.err" \
+    cargo build --release --workspace --examples --quiet 2>"$WORK/cargo.err" \
         || die "cargo build --release --examples failed: $(grep -m3 -E '^error' "$WORK/cargo.err")"
 fi
 [[ -x $EXAMPLES/rust_producer && -x $EXAMPLES/rust_subscriber ]] \

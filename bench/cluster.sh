@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cluster mode against single-process mode on this machine, in one run, all
-# driven by the same `packet-ingest bench` client (1 producer, 1 subscriber,
+# driven by the same `packet-ingest-bench` client (1 producer, 1 subscriber,
 # loopback, every server with --slow-subscriber block):
 #   - single:     one packet-ingest process, no NATS,
 #   - cluster-1:  one replica with --cluster-nats (producer and subscriber on it),
@@ -50,9 +50,11 @@ if [ -n "${PACKET_INGEST_BIN:-}" ]; then
   bin=$PACKET_INGEST_BIN
 else
   log "building the release binary"
-  cargo build --release --locked --bin packet-ingest >&2
+  cargo build --release --locked --bin packet-ingest --bin packet-ingest-bench >&2
   bin=$root/target/release/packet-ingest
 fi
+# The load client is its own binary, next to the server's.
+bench_bin=${PACKET_INGEST_BENCH_BIN:-$(dirname "$bin")/packet-ingest-bench}
 if ! command -v nats-server >/dev/null; then
   log "installing nats-server (Debian package)"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } >&2 || true
@@ -195,7 +197,7 @@ run_case() {
   [ -z "$nats_pid" ] || nats_before=$(cpu_seconds "$nats_pid")
   busy_before=$(machine_busy_seconds)
   t0=$(date +%s.%N)
-  RUST_LOG=warn timeout -k 5 "$((seconds + CASE_TIMEOUT))" "$bin" bench --json --quiet \
+  RUST_LOG=warn timeout -k 5 "$((seconds + CASE_TIMEOUT))" "$bench_bin" --json --quiet \
     --target packet-ingest --ingest-addr "$ingest" --grpc-addr "$grpc" \
     --drain-timeout "$DRAIN_TIMEOUT" "${pid_args[@]}" "$@" \
     >"$results/$case.json" 2>"$results/$case.err" || rc=$?
@@ -380,7 +382,7 @@ w(f"Measured {machine.get('date')} on **{machine.get('cpu')}**, **{machine.get('
 w("")
 w(f"Reproduce: `bench/cluster.sh` (this run: `{machine.get('settings')}`).")
 w("")
-w("One producer (TCP ingest) and one subscriber (gRPC), loopback, the same `packet-ingest bench` client, "
+w("One producer (TCP ingest) and one subscriber (gRPC), loopback, the same `packet-ingest-bench` client, "
   "every server with `--slow-subscriber block`. *Single process*: one packet-ingest, no NATS. "
   "*Cluster, 1 replica*: one packet-ingest with `--cluster-nats`, producer and subscriber on it. "
   "*Cluster, 2 replicas*: two packet-ingest processes on the same JetStream stream, the producer on "

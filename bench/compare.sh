@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark on this machine, in one run, all driven by the same
-# `packet-ingest bench` client:
+# `packet-ingest-bench` client:
 #   - single-core SHA-256 of the same bytes the server hashes (`openssl speed`),
 #   - packet-ingest (release build, loopback, --slow-subscriber block: lossless),
 #   - the seed-design peer (../shared/peers/seed_design/run, Python + grpcio),
@@ -58,9 +58,11 @@ if [ -n "${PACKET_INGEST_BIN:-}" ]; then
   bin=$PACKET_INGEST_BIN
 else
   log "building the release binary"
-  cargo build --release --locked --bin packet-ingest >&2
+  cargo build --release --locked --bin packet-ingest --bin packet-ingest-bench >&2
   bin=$root/target/release/packet-ingest
 fi
+# The load client is its own binary, next to the server's.
+bench_bin=${PACKET_INGEST_BENCH_BIN:-$(dirname "$bin")/packet-ingest-bench}
 
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
@@ -125,7 +127,7 @@ run_case() {
   local pids
   mapfile -t pids < <(pid_args)
   log "  $name: $*"
-  RUST_LOG=warn "$bin" bench --json --quiet "${pids[@]}" "$@" \
+  RUST_LOG=warn "$bench_bin" --json --quiet "${pids[@]}" "$@" \
     >"$results/$name.json" 2>"$results/$name.err" || true
   if [ ! -s "$results/$name.json" ]; then
     log "  $name gave no result: $(tail -n 2 "$results/$name.err" | tr '\n' ' ')"
@@ -404,7 +406,7 @@ w("### CPU")
 w("")
 w("From `/proc/PID/stat` over each run (`--server-pid`; the seed design's worker process included). "
   "Cores = CPU seconds ÷ wall seconds; µs per packet = server CPU ÷ packets ingested. "
-  "The load client is this same machine's `packet-ingest bench` process.")
+  "The load client is this same machine's `packet-ingest-bench` process.")
 w("")
 cpu_header = ["case"]
 targets = [("pi", "packet-ingest"), ("seed", "seed design")] + [(f"nats-{c}", f"nats ({c})") for c in clients]

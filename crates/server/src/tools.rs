@@ -11,10 +11,13 @@ use bytes::{Bytes, BytesMut};
 use clap::{Args, ValueEnum};
 use tokio::io::AsyncWriteExt;
 
-use crate::{
-    frame::{sha256_frame, signed_header, Channel, Digest, Frame, FLAG_HMAC},
+use packet_ingest_protocol::{
+    client::{
+        grpc_channel, make_frame, packet_json, tls_connector, BearerToken, TlsClientArgs,
+        ToolError, STREAM_ID_HEADER,
+    },
+    frame::Channel,
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
-    verify::hmac_digest,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -95,109 +98,6 @@ pub struct HealthArgs {
     pub tls: TlsClientArgs,
 }
 
-pub type ToolError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How a tool reaches a server that may use TLS.
-#[derive(Clone, Debug, Default, Args)]
-pub struct TlsClientArgs {
-    /// PEM CA that signed the server's certificate; turns TLS on.
-    #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
-    /// Name to verify in the server's certificate (default: the host of --addr).
-    #[arg(long)]
-    pub server_name: Option<String>,
-    /// Client certificate and key (PEM) for mutual TLS.
-    #[arg(long, requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
-    #[arg(long, requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
-}
-
-/// Opens a gRPC channel to `addr` (`host:port` or a URL), with TLS if asked.
-pub async fn grpc_channel(
-    addr: &str,
-    tls: &TlsClientArgs,
-) -> Result<tonic::transport::Channel, ToolError> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let url = match (addr.contains("://"), tls.ca_cert.is_some()) {
-        (true, true) => addr.replacen("http://", "https://", 1),
-        (true, false) => addr.to_owned(),
-        (false, true) => format!("https://{addr}"),
-        (false, false) => format!("http://{addr}"),
-    };
-    let mut endpoint =
-        Endpoint::from_shared(url)?.connect_timeout(std::time::Duration::from_secs(5));
-    if let Some(ca) = &tls.ca_cert {
-        let mut config =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
-        if let Some(name) = &tls.server_name {
-            config = config.domain_name(name.clone());
-        }
-        if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-            config = config.identity(Identity::from_pem(
-                std::fs::read(cert)?,
-                std::fs::read(key)?,
-            ));
-        }
-        endpoint = endpoint.tls_config(config)?;
-    }
-    Ok(endpoint.connect().await?)
-}
-
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
-#[derive(Clone, Debug)]
-pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl BearerToken {
-    pub fn new(token: Option<&str>) -> Result<Self, ToolError> {
-        let value = match token {
-            Some(token) => Some(format!("Bearer {token}").parse()?),
-            None => None,
-        };
-        Ok(BearerToken(value))
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// Builds the frame for `payload`, HMAC-signed when a key is given.
-pub fn make_frame(channel: Channel, payload: Bytes, hmac_key: Option<&[u8]>) -> Frame {
-    match hmac_key {
-        None => sha256_frame(channel, payload),
-        Some(key) => {
-            let header = signed_header(channel, FLAG_HMAC, payload.len() as u32);
-            let digest = hmac_digest(key, &header, &payload);
-            Frame {
-                signed_header: header,
-                digest: Digest(digest),
-                payload,
-            }
-        }
-    }
-}
-
-/// The Publish request carrying exactly what `frame` carries on the TCP port.
-pub fn publish_request(frame: &Frame) -> crate::pb::PublishRequest {
-    crate::pb::PublishRequest {
-        channel: frame.channel().0,
-        payload: frame.payload.clone(),
-        digest: Bytes::copy_from_slice(&frame.digest.0),
-        hmac: frame.is_hmac(),
-    }
-}
-
 /// Cuts `input` into payloads as `split` says.
 pub fn split_input(input: &[u8], split: Split, chunk_size: usize) -> Vec<Bytes> {
     let input = Bytes::copy_from_slice(input);
@@ -232,7 +132,7 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
         }
     }
     let key = match &args.hmac_key_file {
-        Some(path) => Some(crate::keyfile::read_key_file(path)?),
+        Some(path) => Some(packet_ingest_protocol::keyfile::read_key_file(path)?),
         None => None,
     };
     let payloads = split_input(&input, args.split, args.chunk_size);
@@ -272,33 +172,6 @@ async fn write_and_close<S: tokio::io::AsyncWrite + Unpin>(
     stream.shutdown().await
 }
 
-/// A rustls client for the ingest port, trusting `--ca-cert`.
-pub fn tls_connector(tls: &TlsClientArgs) -> Result<tokio_rustls::TlsConnector, ToolError> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &tls.ca_cert {
-        for cert in CertificateDer::pem_file_iter(ca)? {
-            roots.add(cert?)?;
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    let config = match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key)?)?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        config,
-    )))
-}
-
 pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     let channel = grpc_channel(&args.addr, &args.tls).await?;
     let mut client =
@@ -313,7 +186,7 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
         .await?;
     let stream_id = response
         .metadata()
-        .get(crate::grpc::STREAM_ID_HEADER)
+        .get(STREAM_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
@@ -344,23 +217,6 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
         out.flush()?;
     }
     Ok(())
-}
-
-/// A packet as one JSON object; the payload as text when it is UTF-8, else hex.
-pub fn packet_json(packet: &Packet) -> serde_json::Value {
-    let mut value = serde_json::json!({
-        "sequence": packet.sequence,
-        "channel": packet.channel,
-        "source": packet.source,
-        "source_sequence": packet.source_sequence,
-        "received_unix_nanos": packet.received_unix_nanos,
-        "digest": hex::encode(&packet.digest),
-    });
-    match std::str::from_utf8(&packet.payload) {
-        Ok(text) => value["payload"] = text.into(),
-        Err(_) => value["payload_hex"] = hex::encode(&packet.payload).into(),
-    }
-    value
 }
 
 fn write_hexdump(out: &mut impl Write, packet: &Packet) -> std::io::Result<()> {

@@ -49,8 +49,7 @@ use crate::{
 };
 use framing::{MessageReader, MessageStream};
 
-/// Response header naming the stream (SPEC §7).
-pub const STREAM_ID_HEADER: &str = "packet-ingest-stream-id";
+pub use packet_ingest_protocol::client::STREAM_ID_HEADER;
 /// Requests a Publish stream gathers into one verification batch when they are
 /// already buffered; a lone request is never held back waiting for more.
 const PUBLISH_BATCH: usize = 256;

@@ -302,7 +302,7 @@ async fn idle_stream_gets_heartbeats() {
 }
 
 fn publish_request(channel: u32, payload: Bytes) -> PublishRequest {
-    packet_ingest::tools::publish_request(&sha256_frame(Channel(channel), payload))
+    packet_ingest_protocol::client::publish_request(&sha256_frame(Channel(channel), payload))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

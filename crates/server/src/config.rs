@@ -6,6 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub use packet_ingest_protocol::units::{parse_duration, parse_size};
+
 use crate::hub::SlowSubscriberPolicy;
 
 /// Exit status for bad configuration (sysexits.h EX_USAGE).
@@ -33,8 +35,6 @@ pub enum Command {
     Tail(crate::tools::TailArgs),
     /// Exit 0 if the server's gRPC health check answers SERVING.
     Health(crate::tools::HealthArgs),
-    /// Load generator and checker: producers, subscribers, rates, losses, latency (or NATS).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,7 +192,7 @@ impl ServeArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--hmac-key-file: {0}")]
-    HmacKeyFile(crate::keyfile::KeyFileError),
+    HmacKeyFile(packet_ingest_protocol::keyfile::KeyFileError),
     #[error("--ingest-memory-limit {limit} is too small: it must hold two frames of --max-payload ({needed} bytes or more)")]
     IngestMemoryTooSmall { limit: u64, needed: u64 },
     #[error("--require-hmac needs --hmac-key-file")]
@@ -220,13 +220,9 @@ pub fn load_hmac_key(args: &ServeArgs) -> Result<Option<Vec<u8>>, ConfigError> {
         }
         return Ok(None);
     };
-    crate::keyfile::read_key_file(path)
+    packet_ingest_protocol::keyfile::read_key_file(path)
         .map(Some)
         .map_err(ConfigError::HmacKeyFile)
-}
-
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|error| format!("{error} (use e.g. 500ms, 5s, 1m)"))
 }
 
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
@@ -237,31 +233,6 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// Bytes with an optional binary suffix: `1048576`, `64KiB`, `1MiB`, `2GiB`.
-pub fn parse_size(value: &str) -> Result<u64, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (digits, suffix) = value.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{value}' is not a size (use e.g. 1048576, 64KiB, 256MiB)"))?;
-    let multiplier: u64 = match suffix.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size suffix '{other}' (use KiB, MiB or GiB)"
-            ))
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("'{value}' is too large"))
-}
-
 fn parse_payload_size(value: &str) -> Result<u32, String> {
     const LIMIT: u64 = 64 << 20;
     match parse_size(value)? {

@@ -7,12 +7,12 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/packet_ingest.proto";
+    let proto = "../../proto/packet_ingest.proto";
     println!("cargo:rerun-if-changed={proto}");
     println!("cargo:rerun-if-changed=build.rs");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
-    let descriptors = protox::compile([proto], ["proto"])?;
+    let descriptors = protox::compile([proto], ["../../proto"])?;
     fs::write(
         out_dir.join("packet_ingest_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),

@@ -50,9 +50,9 @@ use std::{
 use clap::{Args, ValueEnum};
 use tokio::task::JoinSet;
 
-use crate::{
-    config::{parse_duration, parse_size},
-    tools::{TlsClientArgs, ToolError},
+use packet_ingest_protocol::{
+    client::{TlsClientArgs, ToolError},
+    units::{parse_duration, parse_size},
 };
 
 pub use walk::{walk_response, PacketView, WalkError};

@@ -16,7 +16,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt as _;
-use packet_ingest::{
+use packet_ingest_protocol::{
     frame::{sha256_frame, Channel},
     pb::packets_client::PacketsClient,
 };
@@ -107,7 +107,7 @@ async fn publish(args: &Args) -> Result<serde_json::Value, String> {
     let channel = args.channel;
     let size = args.size;
     let requests = futures::stream::iter(args.start..args.start + args.count).map(move |index| {
-        packet_ingest::tools::publish_request(&sha256_frame(
+        packet_ingest_protocol::client::publish_request(&sha256_frame(
             Channel(channel),
             payload(channel, index, size),
         ))

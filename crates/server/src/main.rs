@@ -41,13 +41,12 @@ fn main() {
             Some(Command::Send(args)) => report(tools::send(args).await.map(|()| true)),
             Some(Command::Tail(args)) => report(tools::tail(args).await.map(|()| true)),
             Some(Command::Health(args)) => report(tools::health(args).await),
-            Some(Command::Bench(args)) => report(packet_ingest::bench::run(args).await),
         }
     });
     std::process::exit(code);
 }
 
-fn report(result: Result<bool, tools::ToolError>) -> i32 {
+fn report(result: Result<bool, packet_ingest_protocol::client::ToolError>) -> i32 {
     match result {
         Ok(true) => 0,
         Ok(false) => 1,

@@ -11,9 +11,9 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use packet_ingest::{
     frame::{Channel, Frame, FrameDecoder, FrameLimits, SIGNED_HEADER_LEN},
-    tools::make_frame,
     verify::{verify_batch, FrameBatch, Verifier},
 };
+use packet_ingest_protocol::client::make_frame;
 use sha2::{Digest as _, Sha256};
 
 const SIZES: [(usize, &str); 3] = [(64, "64B"), (1024, "1KiB"), (64 << 10, "64KiB")];

@@ -34,10 +34,10 @@ use std::{
 
 use bytes::Bytes;
 use clap::Parser;
-use packet_ingest::{
+use packet_ingest_protocol::{
+    client::packet_json,
     frame::{sha256_frame, Channel},
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
-    tools::packet_json,
 };
 use tonic::{metadata::MetadataValue, Code, Request};
 

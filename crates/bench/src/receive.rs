@@ -26,9 +26,9 @@ use super::{
     walk::{walk_response, PacketView},
     BenchArgs, NatsClient, Plan, Shared, Target, SUBSCRIBE_GRACE,
 };
-use crate::{
+use packet_ingest_protocol::{
+    client::{grpc_channel, BearerToken},
     pb::SubscribeRequest,
-    tools::{grpc_channel, BearerToken},
 };
 
 const SUBSCRIBE_PATH: &str = "/packetingest.v1.Packets/Subscribe";
@@ -480,7 +480,7 @@ mod tests {
     fn plan(index_modulus: u64) -> Plan {
         Plan {
             target: Target::PacketIngest,
-            via: super::super::Via::Tcp,
+            via: crate::Via::Tcp,
             producers: 2,
             size: 16,
             count: Some(10),

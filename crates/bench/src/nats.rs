@@ -28,7 +28,7 @@ use super::{
     receive::{finish_check, lock, SubStats, TICK},
     BenchArgs, Plan, Shared,
 };
-use crate::tools::ToolError;
+use packet_ingest_protocol::client::ToolError;
 
 const READ_CHUNK: usize = 256 << 10;
 

@@ -22,10 +22,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tonic::{service::interceptor::InterceptedService, transport::Channel as GrpcChannel};
 
 use super::{nats::RawNats, BenchArgs, NatsClient, Plan, Shared, Target, Via};
-use crate::{
+use packet_ingest_protocol::{
+    client::{grpc_channel, make_frame, tls_connector, BearerToken, ToolError},
     frame::{signed_header, Channel, HEADER_LEN, SIGNED_HEADER_LEN},
     pb::{packets_client::PacketsClient, PublishRequest},
-    tools::{grpc_channel, make_frame, tls_connector, BearerToken, ToolError},
 };
 
 /// Size of the pre-built block an unpaced producer writes repeatedly: large
@@ -77,7 +77,11 @@ pub(crate) fn put_frame(
 fn publish_request(channel: u32, size: usize, sent_unix_nanos: u64, index: u64) -> PublishRequest {
     let mut payload = BytesMut::with_capacity(size);
     put_payload(&mut payload, size, sent_unix_nanos, index);
-    crate::tools::publish_request(&make_frame(Channel(channel), payload.freeze(), None))
+    packet_ingest_protocol::client::publish_request(&make_frame(
+        Channel(channel),
+        payload.freeze(),
+        None,
+    ))
 }
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
@@ -404,8 +408,8 @@ async fn nats_producer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{FrameDecoder, FrameLimits};
-    use crate::verify::Verifier;
+    use packet_ingest_protocol::digest::Verifier;
+    use packet_ingest_protocol::frame::{FrameDecoder, FrameLimits};
 
     #[test]
     fn frames_built_in_place_verify_and_carry_time_and_index() {

@@ -10,8 +10,10 @@ use common::*;
 use packet_ingest::{
     frame::{sha256_frame, Channel},
     pb::{packets_client::PacketsClient, PublishRequest, SubscribeRequest},
-    tools::{grpc_channel, make_frame, tls_connector, BearerToken, TlsClientArgs},
-    verify::hmac_digest,
+};
+use packet_ingest_protocol::{
+    client::{grpc_channel, make_frame, tls_connector, BearerToken, TlsClientArgs},
+    digest::hmac_digest,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

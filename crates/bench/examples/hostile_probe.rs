@@ -60,7 +60,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::Parser;
 use futures::{stream, StreamExt};
 use http::uri::PathAndQuery;
-use packet_ingest::{
+use packet_ingest_protocol::{
     frame::{sha256_frame, Channel, Frame},
     pb::{PublishRequest, PublishResponse},
 };

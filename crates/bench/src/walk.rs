@@ -115,8 +115,8 @@ pub fn walk_response<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::{Packet, SubscribeResponse};
     use bytes::Bytes;
+    use packet_ingest_protocol::pb::{Packet, SubscribeResponse};
     use prost::Message;
 
     fn packet(sequence: u64, source_sequence: u64) -> Packet {
