@@ -3,7 +3,10 @@
 //! order at every subscriber. It never asserts speed (CI machines are shared).
 
 use clap::Parser;
-use packet_ingest::{config::ServeArgs, server};
+use packet_ingest::{
+    config::{ServeArgs, Settings},
+    server,
+};
 use packet_ingest_bench::BenchArgs;
 
 #[derive(Debug, Parser)]
@@ -52,7 +55,8 @@ async fn bench_runs_are_complete_and_in_order_over_every_path() {
         "block",
     ])
     .expect("valid server arguments");
-    let server = server::start(args).await.expect("server starts");
+    let settings = Settings::load(args).expect("usable configuration");
+    let server = server::start(settings).await.expect("server starts");
     let runs: [&[&str]; 4] = [
         &[
             "--producers",

@@ -137,7 +137,7 @@ impl Cluster {
 
     /// The stream's identity (SPEC §7): its name and creation time, so a
     /// stream deleted and created again under the same name is another stream.
-    pub async fn identity(&self) -> Result<crate::grpc::StreamIdentity, ClusterError> {
+    pub async fn identity(&self) -> Result<crate::stream::StreamIdentity, ClusterError> {
         let stream_error = |error: &dyn std::fmt::Display| ClusterError::Stream {
             stream: self.stream.clone(),
             message: error.to_string(),
@@ -151,7 +151,7 @@ impl Cluster {
         let created = info.created.unix_timestamp_nanos();
         let mut id = format!("js-{}-{created:x}", self.stream);
         id.truncate(64);
-        Ok(crate::grpc::StreamIdentity {
+        Ok(crate::stream::StreamIdentity {
             id: Arc::from(id),
             durable: true,
         })
@@ -364,7 +364,7 @@ fn replay_deliveries(
 }
 
 mod publish;
-pub use publish::{ClusterPublisher, Destination, Outlet};
+pub use publish::ClusterPublisher;
 
 #[cfg(test)]
 mod tests {

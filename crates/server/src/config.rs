@@ -1,14 +1,24 @@
-//! Command line and environment: the clap definitions for the server and the
-//! helper subcommands, value parsers, and validation. Every server flag also
-//! reads `PACKET_INGEST_<FLAG>`; a bad value is one line on stderr and exit 64.
+//! Command line and environment, checked once: the clap definitions for the
+//! server and the helper subcommands, and [`Settings`], what the flags become
+//! once every file is read, every key and certificate checked and every
+//! derived size computed. `Settings::load` runs before the runtime starts, so
+//! exit 64 (bad configuration) is decided here and nowhere else. Every server
+//! flag also reads `PACKET_INGEST_<FLAG>`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub use packet_ingest_protocol::units::{parse_duration, parse_size};
 
-use crate::hub::SlowSubscriberPolicy;
+use crate::{
+    auth::TokenStore,
+    hub::SlowSubscriberPolicy,
+    tls::{self, TlsError, TlsPaths, TlsSetup},
+};
+
+/// File descriptors kept free of the connection caps (listeners, files, NATS).
+const RESERVED_FDS: u64 = 64;
 
 /// Exit status for bad configuration (sysexits.h EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -197,19 +207,91 @@ pub enum ConfigError {
     IngestMemoryTooSmall { limit: u64, needed: u64 },
     #[error("--require-hmac needs --hmac-key-file")]
     RequireHmacWithoutKey,
-    #[error("{flag} {path}: {problem}")]
-    TlsFile {
-        flag: &'static str,
-        path: PathBuf,
-        problem: String,
-    },
-    #[error("{0}")]
-    TlsIncomplete(&'static str),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot read --auth-token-file {path}: {source}")]
     AuthTokenFile {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The server's configuration, checked and loaded: what `server::start` builds from.
+pub struct Settings {
+    pub args: ServeArgs,
+    pub hmac_key: Option<Vec<u8>>,
+    pub tls: Option<TlsSetup>,
+    pub tokens: Option<Arc<TokenStore>>,
+    /// The soft open-file limit after raising it to the hard one.
+    pub open_files: Option<u64>,
+    /// `--max-connections` and `--max-grpc-connections`, lowered to fit `open_files`.
+    pub max_ingest_connections: usize,
+    pub max_grpc_connections: usize,
+    /// Packets the hub keeps: enough for both history and the subscriber buffer.
+    pub retain_packets: u64,
+    pub memory_limit: usize,
+    pub ingest_memory_limit: usize,
+}
+
+impl Settings {
+    /// Reads the files the flags name and checks that everything fits
+    /// together. Also raises the open-file limit (the caps depend on it).
+    pub fn load(args: ServeArgs) -> Result<Settings, ConfigError> {
+        args.validate()?;
+        let hmac_key = load_hmac_key(&args)?;
+        let tls = tls::load(TlsPaths {
+            cert: args.tls_cert.as_deref(),
+            key: args.tls_key.as_deref(),
+            client_ca: args.tls_client_ca.as_deref(),
+        })?;
+        let tokens = match &args.auth_token_file {
+            Some(path) => Some(TokenStore::load(path.clone()).map_err(|source| {
+                ConfigError::AuthTokenFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let open_files = crate::connections::raise_open_file_limit();
+        let (max_ingest_connections, max_grpc_connections) = connection_caps(&args, open_files);
+        Ok(Settings {
+            retain_packets: args.retain_packets(),
+            memory_limit: usize::try_from(args.memory_limit).unwrap_or(usize::MAX),
+            ingest_memory_limit: usize::try_from(args.ingest_memory_limit).unwrap_or(usize::MAX),
+            args,
+            hmac_key,
+            tls,
+            tokens,
+            open_files,
+            max_ingest_connections,
+            max_grpc_connections,
+        })
+    }
+}
+
+/// Connection caps that fit the open-file limit: a cap the process cannot
+/// reach would turn into accept errors instead of orderly refusals.
+fn connection_caps(args: &ServeArgs, open_files: Option<u64>) -> (usize, usize) {
+    let ingest = u64::from(args.max_connections);
+    let grpc = u64::from(args.max_grpc_connections);
+    let Some(limit) = open_files else {
+        return (ingest as usize, grpc as usize);
+    };
+    let available = limit.saturating_sub(RESERVED_FDS).max(2);
+    if ingest + grpc <= available {
+        return (ingest as usize, grpc as usize);
+    }
+    // Shrink both in proportion, keeping at least one each.
+    let scale = |cap: u64| ((cap * available) / (ingest + grpc)).max(1);
+    let (ingest_cap, grpc_cap) = (scale(ingest), scale(grpc));
+    tracing::warn!(
+        open_files = limit,
+        max_connections = ingest_cap,
+        max_grpc_connections = grpc_cap,
+        "the open-file limit is below --max-connections + --max-grpc-connections; lowering both"
+    );
+    (ingest_cap as usize, grpc_cap as usize)
 }
 
 /// Reads the HMAC key: the file's bytes with one trailing line ending removed.
@@ -252,6 +334,16 @@ fn parse_memory_size(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_caps_shrink_to_fit_the_open_file_limit() {
+        let args = ServeArgs::try_parse_from(["x"]).expect("defaults parse");
+        assert_eq!(connection_caps(&args, None), (1024, 2048));
+        assert_eq!(connection_caps(&args, Some(1 << 20)), (1024, 2048));
+        let (ingest, grpc) = connection_caps(&args, Some(1024));
+        assert!(ingest + grpc <= 1024 - RESERVED_FDS as usize);
+        assert!(ingest >= 1 && grpc > ingest);
+    }
 
     #[test]
     fn defaults_match_the_contract() {

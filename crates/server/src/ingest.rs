@@ -30,7 +30,7 @@ use crate::{
     frame::{FrameDecoder, FrameLimits},
     metrics::Metrics,
     producer::{Producer, ProducerContext},
-    verify::FrameBatch,
+    verify::{unix_nanos_now, FrameBatch},
 };
 
 /// Largest read: big reads amortise syscalls and batch well.
@@ -388,10 +388,4 @@ impl FrameReader {
         }
         outcome
     }
-}
-
-pub fn unix_nanos_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as i64)
 }

@@ -19,16 +19,19 @@
 //! - [`grpc`]: the gRPC port; `Publish` feeds the same producer path.
 //! - [`budget`]: the ingest memory budget both producer paths draw from.
 //! - [`producer`]: the one producer path: **verify** ([`verify`], in order on
-//!   the pool) -> outlet (the hub, or the [`cluster`] stream).
+//!   the pool) -> [`outlet`]: the hub, or the [`cluster`] stream behind one
+//!   interface.
 //! - [`hub`]: **sequences** each batch and keeps the shared ring; subscriber
 //!   cursors and slow-subscriber policies.
 //! - [`wire`]: the delivered encoding, written once per batch; a delivery is
 //!   slices of it. `grpc::framing` **delivers** them to Subscribe streams.
+//! - [`stream`]: which stream this server serves (its id).
 //! - [`error`]: client-visible errors and their gRPC status codes.
 //! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port.
 //! - [`tls`], [`auth`], [`limits`]: TLS on both ports, bearer tokens, the
 //!   unary deadline (tower layers).
-//! - [`server`]: assembly and the phases of graceful shutdown.
+//! - [`server`]: assembly from settings; [`shutdown`]: the phases of a
+//!   graceful shutdown, one token each under one root.
 //! - [`tools`]: the `send`, `tail` and `health` subcommands.
 
 pub mod auth;
@@ -43,8 +46,11 @@ pub mod hub;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
+pub mod outlet;
 pub mod producer;
 pub mod server;
+pub mod shutdown;
+pub mod stream;
 pub mod tls;
 pub mod tools;
 pub mod verify;

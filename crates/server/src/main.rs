@@ -1,12 +1,20 @@
-//! The `packet-ingest` binary: parse configuration, set up logging, run.
+//! The `packet-ingest` binary: parse and check the configuration (exit 64 if
+//! it cannot be used), set up logging, then run the server or a tool.
 
 use clap::Parser;
 use packet_ingest::{
-    config::{Cli, Command, LogFormat, EXIT_CONFIG},
-    server::{self, StartError},
-    tools,
+    config::{Cli, Command, LogFormat, Settings, EXIT_CONFIG},
+    server, tools,
 };
 use tracing_subscriber::EnvFilter;
+
+/// What this invocation does.
+// Built once per process: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Run {
+    Serve(Settings),
+    Tool(Command),
+}
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -28,6 +36,17 @@ fn main() {
         }
     };
     init_tracing(cli.serve.log_format);
+    // Configuration is checked before anything starts: exit 64 is decided here.
+    let run = match cli.command {
+        Some(command) => Run::Tool(command),
+        None => match Settings::load(cli.serve) {
+            Ok(settings) => Run::Serve(settings),
+            Err(error) => {
+                eprintln!("packet-ingest: {error}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        },
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -36,11 +55,11 @@ fn main() {
         }
     };
     let code = runtime.block_on(async move {
-        match cli.command {
-            None => serve(cli.serve).await,
-            Some(Command::Send(args)) => report(tools::send(args).await.map(|()| true)),
-            Some(Command::Tail(args)) => report(tools::tail(args).await.map(|()| true)),
-            Some(Command::Health(args)) => report(tools::health(args).await),
+        match run {
+            Run::Serve(settings) => serve(settings).await,
+            Run::Tool(Command::Send(args)) => report(tools::send(args).await.map(|()| true)),
+            Run::Tool(Command::Tail(args)) => report(tools::tail(args).await.map(|()| true)),
+            Run::Tool(Command::Health(args)) => report(tools::health(args).await),
         }
     });
     std::process::exit(code);
@@ -57,13 +76,9 @@ fn report(result: Result<bool, packet_ingest_protocol::client::ToolError>) -> i3
     }
 }
 
-async fn serve(args: packet_ingest::config::ServeArgs) -> i32 {
-    let running = match server::start(args).await {
+async fn serve(settings: Settings) -> i32 {
+    let running = match server::start(settings).await {
         Ok(running) => running,
-        Err(StartError::Config(error)) => {
-            eprintln!("packet-ingest: {error}");
-            return EXIT_CONFIG;
-        }
         Err(error) => {
             eprintln!("packet-ingest: {error}");
             return 1;

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::verify::Rejection;
+use packet_ingest_protocol::digest::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -92,7 +92,8 @@ pub struct Metrics {
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
     pub verify_seconds: Histogram,
-    rejection_handles: [(Counter, Counter); 2],
+    /// Pre-resolved `rejected{reason}` handles, in `Rejection::ALL` order.
+    pub rejection_handles: [(Counter, Counter); 2],
 }
 
 impl Metrics {
@@ -269,24 +270,6 @@ impl Metrics {
             verify_seconds,
             rejection_handles,
         })
-    }
-
-    /// Records the outcome of one verified batch.
-    pub fn record_batch(&self, batch: &crate::verify::VerifiedBatch) {
-        let rejected_bytes: u64 = batch.rejected.iter().map(|(_, bytes)| bytes).sum();
-        self.packets_received.inc_by(batch.frames);
-        self.bytes_received
-            .inc_by(batch.accepted_bytes + rejected_bytes);
-        self.packets_accepted.inc_by(batch.accepted.len() as u64);
-        self.bytes_accepted.inc_by(batch.accepted_bytes);
-        for (rejection, (packets, bytes)) in Rejection::ALL.iter().zip(&self.rejection_handles) {
-            let (count, size) = batch.rejected_for(*rejection);
-            if count > 0 {
-                packets.inc_by(count);
-                bytes.inc_by(size);
-            }
-        }
-        self.verify_seconds.observe(batch.verify_seconds);
     }
 
     /// The Prometheus text exposition of every metric.

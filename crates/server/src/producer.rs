@@ -11,10 +11,12 @@
 
 use std::sync::Arc;
 
+use packet_ingest_protocol::digest::Rejection;
+
 use crate::{
     budget::IngestBudget,
-    cluster::{ClusterError, Destination, Outlet},
     metrics::Metrics,
+    outlet::{Destination, Outlet, OutletError},
     verify::{FrameBatch, OrderedPipeline, VerifiedBatch, VerifyPool},
 };
 
@@ -92,8 +94,8 @@ impl Producer {
     /// Publishes a verified batch's accepted packets; may wait (that is the
     /// backpressure). An error means the outlet cannot store packets: later
     /// batches are dropped.
-    pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<(), ClusterError> {
-        self.metrics.record_batch(&verified);
+    pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<(), OutletError> {
+        record(&self.metrics, &verified);
         self.totals.rejected += verified.rejected_packets();
         if verified.rejected_packets() > 0 {
             tracing::debug!(
@@ -107,7 +109,11 @@ impl Producer {
         let accepted = verified.accepted.len() as u64;
         // Returned once the packets are the hub's (or JetStream's) to account for.
         let _charge = verified.charge.take();
-        match self.outlet.publish(verified).await {
+        match self
+            .outlet
+            .publish(verified.accepted, &verified.accepted_source_sequences)
+            .await
+        {
             Ok(last) => {
                 self.totals.accepted += accepted;
                 if last.is_some() {
@@ -123,7 +129,7 @@ impl Producer {
     }
 
     /// Publishes everything still in flight and waits until it is stored.
-    pub async fn finish(&mut self) -> Result<ProducerTotals, ClusterError> {
+    pub async fn finish(&mut self) -> Result<ProducerTotals, OutletError> {
         let mut outcome = Ok(());
         while let Some(verified) = self.next_verified().await {
             if let Err(error) = self.publish(verified).await {
@@ -140,4 +146,23 @@ impl Producer {
     pub fn totals(&self) -> ProducerTotals {
         self.totals
     }
+}
+
+/// Records the outcome of one verified batch.
+fn record(metrics: &Metrics, batch: &VerifiedBatch) {
+    let rejected_bytes: u64 = batch.rejected.iter().map(|(_, bytes)| bytes).sum();
+    metrics.packets_received.inc_by(batch.frames);
+    metrics
+        .bytes_received
+        .inc_by(batch.accepted_bytes + rejected_bytes);
+    metrics.packets_accepted.inc_by(batch.accepted.len() as u64);
+    metrics.bytes_accepted.inc_by(batch.accepted_bytes);
+    for (rejection, (packets, bytes)) in Rejection::ALL.iter().zip(&metrics.rejection_handles) {
+        let (count, size) = batch.rejected_for(*rejection);
+        if count > 0 {
+            packets.inc_by(count);
+            bytes.inc_by(size);
+        }
+    }
+    metrics.verify_seconds.observe(batch.verify_seconds);
 }

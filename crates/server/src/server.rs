@@ -1,45 +1,39 @@
-//! Assembly and lifecycle: binds the three listeners, wires hub, verifier pool,
-//! ingest, gRPC (with health, reflection and tower limits) and metrics, and runs
-//! the graceful shutdown of SPEC §6.
-//!
-//! Shutdown order: health goes NOT_SERVING and new streams are refused; the
-//! ingest listener stops accepting; open ingest connections are read to EOF
-//! (until half the grace period), and what they sent is verified and
-//! published; the hub closes so subscribers drain and end `UNAVAILABLE`; the
-//! gRPC and metrics servers stop; anything still open at the grace deadline is
-//! cut.
+//! Assembly: from checked `Settings`, builds the hub, verifier pool, producer
+//! context, ingest listener, gRPC routes and transport, and the admin HTTP
+//! port, then hands them to `shutdown::run`, which waits for SIGTERM and runs
+//! the phases of a graceful shutdown.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    auth::{AuthLayer, TokenStore},
+    auth::AuthLayer,
     budget::IngestBudget,
-    cluster::{Cluster, ClusterError, Destination},
-    config::{load_hmac_key, ConfigError, ServeArgs},
+    cluster::{Cluster, ClusterError},
+    config::Settings,
     connections::ConnectionSlots,
     frame::FrameLimits,
     grpc::{
         routes::{GrpcRoutes, PacketsLimits},
         transport::{self, TransportConfig},
-        PacketsService, StreamIdentity,
+        PacketsService,
     },
     hub::{Hub, HubConfig},
     ingest::{self, IngestContext},
     metrics::Metrics,
+    outlet::Destination,
     producer::ProducerContext,
-    tls,
+    shutdown::{Phases, Stages},
+    stream::StreamIdentity,
     verify::{Verifier, VerifyPool},
 };
 
-/// The service name health reports on, besides "" (the whole server).
-pub const PACKETS_SERVICE: &str = "packetingest.v1.Packets";
+pub use crate::shutdown::PACKETS_SERVICE;
+
 /// Request messages health and reflection accept (theirs are tiny).
 const SMALL_SERVICE_MESSAGE: usize = 64 * 1024;
-/// File descriptors kept free of the connection caps (listeners, files, NATS).
-const RESERVED_FDS: u64 = 64;
 
 /// Soft cap on one SubscribeResponse; one packet of --max-payload always fits.
 const MAX_DELIVERY_BYTES: usize = 1 << 20;
@@ -48,8 +42,6 @@ const IN_FLIGHT_PER_THREAD: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error("cannot listen on {what} address {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -72,6 +64,7 @@ pub struct RunningServer {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub stream_id: Arc<str>,
+    /// Cancelled by `shutdown()`: the first phase of the graceful shutdown.
     shutdown: CancellationToken,
     lifecycle: JoinHandle<()>,
 }
@@ -106,47 +99,20 @@ fn local_addr(
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
-/// Connection caps that fit the open-file limit: a cap the process cannot
-/// reach would turn into accept errors instead of orderly refusals.
-fn connection_caps(args: &ServeArgs, open_files: Option<u64>) -> (usize, usize) {
-    let ingest = u64::from(args.max_connections);
-    let grpc = u64::from(args.max_grpc_connections);
-    let Some(limit) = open_files else {
-        return (ingest as usize, grpc as usize);
-    };
-    let available = limit.saturating_sub(RESERVED_FDS).max(2);
-    if ingest + grpc <= available {
-        return (ingest as usize, grpc as usize);
-    }
-    // Shrink both in proportion, keeping at least one each.
-    let scale = |cap: u64| ((cap * available) / (ingest + grpc)).max(1);
-    let (ingest_cap, grpc_cap) = (scale(ingest), scale(grpc));
-    tracing::warn!(
-        open_files = limit,
-        max_connections = ingest_cap,
-        max_grpc_connections = grpc_cap,
-        "the open-file limit is below --max-connections + --max-grpc-connections; lowering both"
-    );
-    (ingest_cap as usize, grpc_cap as usize)
-}
-
 /// Binds every listener and starts serving. Returns once all ports are bound.
-pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
-    args.validate()?;
-    let hmac_key = load_hmac_key(&args)?;
-    let tls = tls::load(&args)?;
-    let tokens =
-        match &args.auth_token_file {
-            Some(path) => Some(TokenStore::load(path.clone()).map_err(|source| {
-                ConfigError::AuthTokenFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-    let open_files = crate::connections::raise_open_file_limit();
-    let (max_ingest_connections, max_grpc_connections) = connection_caps(&args, open_files);
+pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    let Settings {
+        args,
+        hmac_key,
+        tls,
+        tokens,
+        open_files,
+        max_ingest_connections,
+        max_grpc_connections,
+        retain_packets,
+        memory_limit,
+        ingest_memory_limit,
+    } = settings;
     let metrics = Metrics::new();
     let cluster = match &args.cluster_nats {
         Some(url) => Some(Cluster::connect(url, &args.cluster_stream).await?),
@@ -159,8 +125,8 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     };
     let hub = Hub::starting_at(
         HubConfig {
-            retain_packets: args.retain_packets(),
-            memory_limit: usize::try_from(args.memory_limit).unwrap_or(usize::MAX),
+            retain_packets,
+            memory_limit,
             policy: args.slow_subscriber,
             block_timeout: args.block_timeout,
             max_delivery_bytes: MAX_DELIVERY_BYTES,
@@ -183,10 +149,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         pool,
         destination,
         metrics: Arc::clone(&metrics),
-        budget: IngestBudget::new(
-            usize::try_from(args.ingest_memory_limit).unwrap_or(usize::MAX),
-            Arc::clone(&metrics),
-        ),
+        budget: IngestBudget::new(ingest_memory_limit, Arc::clone(&metrics)),
     };
 
     let grpc_listener = bind("gRPC", args.grpc_addr).await?;
@@ -196,10 +159,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
     let ingest_addr = local_addr(&ingest_listener, "ingest", args.ingest_addr)?;
     let metrics_addr = local_addr(&metrics_listener, "metrics", args.metrics_addr)?;
 
-    let shutdown = CancellationToken::new();
-    let stop_reading = CancellationToken::new();
-    let stop_grpc = CancellationToken::new();
-    let abort_grpc = CancellationToken::new();
+    let phases = Phases::new();
     let ingest_tasks = TaskTracker::new();
 
     let ingest_context = IngestContext {
@@ -217,8 +177,8 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         ConnectionSlots::new("ingest", max_ingest_connections),
         ingest_context,
         ingest_tasks.clone(),
-        shutdown.clone(),
-        stop_reading.clone(),
+        phases.draining.clone(),
+        phases.stop_reading.clone(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -243,7 +203,7 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         publish_idle_timeout: args.publish_idle_timeout,
         heartbeat: args.heartbeat,
         max_payload: args.max_payload,
-        draining: shutdown.clone(),
+        draining: phases.draining.clone(),
     });
     let routes = GrpcRoutes::new(
         packets,
@@ -277,19 +237,19 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         },
         routes,
         Arc::clone(&metrics),
-        stop_grpc.clone(),
-        abort_grpc.clone(),
+        phases.closing.clone(),
+        phases.aborted(),
     ));
     // The metrics port stays up through the drain, so it can be watched.
     let metrics_task = tokio::spawn(crate::http::serve(
         metrics_listener,
         Arc::clone(&metrics),
-        shutdown.clone(),
-        stop_grpc.clone(),
+        phases.draining.clone(),
+        phases.closing.clone(),
     ));
 
     if let Some(tokens) = tokens {
-        tokio::spawn(tokens.watch(stop_grpc.clone()));
+        tokio::spawn(tokens.watch(phases.closing.clone()));
     }
     tracing::info!(
         %grpc_addr,
@@ -304,20 +264,23 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         "packet-ingest listening"
     );
 
-    let lifecycle = tokio::spawn(lifecycle(Lifecycle {
-        shutdown: shutdown.clone(),
-        stop_reading,
-        stop_grpc,
-        abort_grpc,
-        ingest_tasks,
-        ingest_task,
-        grpc_task,
-        metrics_task,
-        health,
-        hub: Arc::clone(&hub),
-        cluster: cluster.map(|cluster| (cluster, stop_feed, feed_task)),
-        grace: args.shutdown_grace,
-    }));
+    let shutdown = phases.draining.clone();
+    let lifecycle = tokio::spawn(crate::shutdown::run(
+        phases,
+        Stages {
+            ingest_accept: ingest_task,
+            ingest_connections: ingest_tasks,
+            grpc: grpc_task,
+            admin_http: metrics_task,
+            health,
+            hub: Arc::clone(&hub),
+            cluster: cluster
+                .clone()
+                .map(|cluster| (cluster, stop_feed, feed_task)),
+        },
+        args.shutdown_grace,
+    ));
+
     Ok(RunningServer {
         grpc_addr,
         ingest_addr,
@@ -328,81 +291,4 @@ pub async fn start(args: ServeArgs) -> Result<RunningServer, StartError> {
         shutdown,
         lifecycle,
     })
-}
-
-struct Lifecycle {
-    shutdown: CancellationToken,
-    stop_reading: CancellationToken,
-    stop_grpc: CancellationToken,
-    abort_grpc: CancellationToken,
-    ingest_tasks: TaskTracker,
-    ingest_task: JoinHandle<()>,
-    grpc_task: JoinHandle<()>,
-    metrics_task: JoinHandle<()>,
-    health: tonic_health::server::HealthReporter,
-    hub: Arc<Hub>,
-    /// Cluster mode: the stream, and the feed into the hub with its stop signal.
-    cluster: Option<(Arc<Cluster>, CancellationToken, Option<JoinHandle<()>>)>,
-    grace: Duration,
-}
-
-async fn lifecycle(parts: Lifecycle) {
-    parts.shutdown.cancelled().await;
-    let deadline = tokio::time::Instant::now() + parts.grace;
-    tracing::info!(grace = ?parts.grace, "shutting down");
-    parts
-        .health
-        .set_service_status(PACKETS_SERVICE, tonic_health::ServingStatus::NotServing)
-        .await;
-    parts
-        .health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-
-    // The accept loop watches `shutdown`; once it returns no connection is added.
-    let _ = parts.ingest_task.await;
-    parts.ingest_tasks.close();
-    let read_deadline = tokio::time::Instant::now() + parts.grace / 2;
-    tokio::select! {
-        _ = parts.ingest_tasks.wait() => {}
-        _ = tokio::time::sleep_until(read_deadline) => {
-            tracing::warn!("ingest connections still open at half the grace period; reading stops");
-            parts.stop_reading.cancel();
-            // Already-read bytes are still verified and published; block mode
-            // cannot hold this up once the hub closes.
-            let _ = tokio::time::timeout_at(deadline, parts.ingest_tasks.wait()).await;
-        }
-    }
-
-    if let Some((cluster, stop_feed, feed_task)) = parts.cluster {
-        // What this replica stored must reach its own subscribers before they end.
-        if let Ok(target) = cluster.next_sequence().await {
-            if tokio::time::timeout_at(deadline, parts.hub.wait_for_sequence(target))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    target,
-                    "cluster feed did not catch up before the grace deadline"
-                );
-            }
-        }
-        stop_feed.cancel();
-        if let Some(feed_task) = feed_task {
-            let _ = feed_task.await;
-        }
-    }
-    parts.hub.close();
-    parts.stop_grpc.cancel();
-    let mut grpc_task = parts.grpc_task;
-    if tokio::time::timeout_at(deadline, &mut grpc_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!("streams still open at the grace deadline; closing them");
-        parts.abort_grpc.cancel();
-        let _ = grpc_task.await;
-    }
-    let _ = parts.metrics_task.await;
-    tracing::info!("shutdown complete");
 }

@@ -1,14 +1,36 @@
 //! TLS for both ports: loads `--tls-cert` / `--tls-key` (and `--tls-client-ca`
 //! for mutual TLS) once at start, checks they belong together, and hands out
-//! the rustls config for the ingest port and tonic's config for the gRPC port.
-//! Any problem is a configuration error that names the file.
+//! a rustls acceptor for each port (the gRPC one offers HTTP/2 by ALPN). Any
+//! problem is an error that names the flag and the file.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 
-use crate::config::{ConfigError, ServeArgs};
+/// Why the TLS files cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {problem}")]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("{0}")]
+    Incomplete(&'static str),
+}
+
+/// The TLS flags, as given.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsPaths<'a> {
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+    pub client_ca: Option<&'a Path>,
+}
 
 /// What both listeners need to speak TLS.
 #[derive(Clone)]
@@ -18,16 +40,16 @@ pub struct TlsSetup {
     pub grpc: tokio_rustls::TlsAcceptor,
 }
 
-fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|source| ConfigError::TlsFile {
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::File {
         flag,
         path: path.to_owned(),
         problem: source.to_string(),
     })
 }
 
-fn invalid(flag: &'static str, path: &Path, problem: impl ToString) -> ConfigError {
-    ConfigError::TlsFile {
+fn invalid(flag: &'static str, path: &Path, problem: impl ToString) -> TlsError {
+    TlsError::File {
         flag,
         path: path.to_owned(),
         problem: problem.to_string(),
@@ -38,7 +60,7 @@ fn certificates(
     flag: &'static str,
     path: &Path,
     pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| invalid(flag, path, error))?;
@@ -49,22 +71,18 @@ fn certificates(
 }
 
 /// Loads and checks the TLS files, if TLS is configured.
-pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
-    let (cert_path, key_path) = match (&args.tls_cert, &args.tls_key) {
+pub fn load(paths: TlsPaths<'_>) -> Result<Option<TlsSetup>, TlsError> {
+    let (cert_path, key_path) = match (paths.cert, paths.key) {
         (None, None) => {
-            return match &args.tls_client_ca {
-                Some(_) => Err(ConfigError::TlsIncomplete(
+            return match paths.client_ca {
+                Some(_) => Err(TlsError::Incomplete(
                     "--tls-client-ca needs --tls-cert and --tls-key",
                 )),
                 None => Ok(None),
             }
         }
         (Some(cert), Some(key)) => (cert, key),
-        _ => {
-            return Err(ConfigError::TlsIncomplete(
-                "--tls-cert and --tls-key go together",
-            ))
-        }
+        _ => return Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
     };
     let cert_pem = read("--tls-cert", cert_path)?;
     let key_pem = read("--tls-key", key_path)?;
@@ -76,7 +94,7 @@ pub fn load(args: &ServeArgs) -> Result<Option<TlsSetup>, ConfigError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|error| invalid("--tls-cert", cert_path, error))?;
-    let builder = match &args.tls_client_ca {
+    let builder = match paths.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
             let ca_pem = read("--tls-client-ca", ca_path)?;

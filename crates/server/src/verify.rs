@@ -36,6 +36,13 @@ impl FrameBatch {
     }
 }
 
+/// Now, as `received_unix_nanos` carries it.
+pub fn unix_nanos_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as i64)
+}
+
 /// The result of verifying one `FrameBatch`.
 #[derive(Debug, Default)]
 pub struct VerifiedBatch {

@@ -1,7 +1,5 @@
 //! The producer side of cluster mode: each connection's pipelined, in-order,
-//! deduplicated publishing to JetStream, and the `Destination` / `Outlet`
-//! switch that lets ingest and Publish not care whether packets go to the
-//! local hub or through the stream.
+//! deduplicated publishing to JetStream (the cluster `Outlet`).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -12,7 +10,7 @@ use async_nats::{
 use bytes::Bytes;
 
 use super::{subject, Cluster, ClusterError, MAX_IN_FLIGHT, PUBLISH_ATTEMPTS};
-use crate::{hub::Hub, verify::VerifiedBatch};
+use crate::wire::EncodedPackets;
 
 /// Per-connection publishing: pipelined, acknowledged in order, retried by id.
 pub struct ClusterPublisher {
@@ -40,19 +38,20 @@ impl ClusterPublisher {
     }
 
     /// Sends every accepted packet of `batch`; waits only when too many acks are outstanding.
-    pub async fn publish(&mut self, batch: &VerifiedBatch) -> Result<(), ClusterError> {
-        for index in 0..batch.accepted.len() {
-            let source_sequence = batch
-                .accepted_source_sequences
-                .get(index)
-                .copied()
-                .unwrap_or_default();
+    /// `source_sequences[i]` is packet `i`'s index on its source (the dedupe id).
+    pub async fn publish(
+        &mut self,
+        packets: &EncodedPackets,
+        source_sequences: &[u64],
+    ) -> Result<(), ClusterError> {
+        for index in 0..packets.len() {
+            let source_sequence = source_sequences.get(index).copied().unwrap_or_default();
             let message_id = format!(
                 "{:x}.{}.{}",
                 self.cluster.instance, self.connection, source_sequence
             );
-            let subject = subject(batch.accepted.channel(index));
-            let body = Bytes::copy_from_slice(batch.accepted.fields(index));
+            let subject = subject(packets.channel(index));
+            let body = Bytes::copy_from_slice(packets.fields(index));
             let ack = self.send(&subject, &message_id, body.clone()).await?;
             self.in_flight.push_back(Pending {
                 ack,
@@ -115,59 +114,5 @@ impl ClusterPublisher {
             self.last_sequence = Some(ack.sequence);
         }
         Ok(())
-    }
-}
-
-/// Where verified packets go: the local hub, or the shared JetStream stream.
-#[derive(Clone)]
-pub enum Destination {
-    Hub(Arc<Hub>),
-    Cluster(Arc<Cluster>),
-}
-
-impl Destination {
-    /// Per-connection publishing state.
-    pub fn outlet(&self) -> Outlet {
-        match self {
-            Destination::Hub(hub) => Outlet::Hub {
-                hub: Arc::clone(hub),
-                last_sequence: None,
-            },
-            Destination::Cluster(cluster) => Outlet::Cluster(cluster.publisher()),
-        }
-    }
-}
-
-/// One producer's way into the hub (directly or through JetStream), in order.
-pub enum Outlet {
-    Hub {
-        hub: Arc<Hub>,
-        last_sequence: Option<u64>,
-    },
-    Cluster(ClusterPublisher),
-}
-
-impl Outlet {
-    /// Publishes a verified batch's accepted packets. May wait: that is
-    /// backpressure. Returns the last sequence assigned, when already known.
-    pub async fn publish(&mut self, batch: VerifiedBatch) -> Result<Option<u64>, ClusterError> {
-        match self {
-            Outlet::Hub { hub, last_sequence } => {
-                let range = hub.publish(batch.accepted).await;
-                if !range.is_empty() {
-                    *last_sequence = Some(range.end - 1);
-                }
-                Ok(*last_sequence)
-            }
-            Outlet::Cluster(publisher) => publisher.publish(&batch).await.map(|()| None),
-        }
-    }
-
-    /// Waits until everything published is stored; the last sequence assigned.
-    pub async fn finish(&mut self) -> Result<Option<u64>, ClusterError> {
-        match self {
-            Outlet::Hub { last_sequence, .. } => Ok(*last_sequence),
-            Outlet::Cluster(publisher) => publisher.finish().await,
-        }
     }
 }

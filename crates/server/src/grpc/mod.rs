@@ -40,11 +40,11 @@ use crate::{
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
     hub::{Hub, HubStats, Next, SubscribeOptions, SubscriptionEnd},
-    ingest::unix_nanos_now,
     metrics::Metrics,
     pb::{PublishRequest, PublishResponse, StreamInfoResponse, SubscribeRequest},
     producer::{Producer, ProducerContext},
-    verify::FrameBatch,
+    stream::StreamIdentity,
+    verify::{unix_nanos_now, FrameBatch},
     wire::{ChannelFilter, Delivery},
 };
 use framing::{MessageReader, MessageStream};
@@ -62,25 +62,6 @@ const CLUSTER_CATCH_UP: Duration = Duration::from_secs(5);
 const PUBLISHER_EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// A unary request message must arrive within this after the headers.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Which stream this server serves (SPEC §7).
-#[derive(Clone, Debug)]
-pub struct StreamIdentity {
-    pub id: Arc<str>,
-    /// Survives restarts (`--data-dir` or cluster mode).
-    pub durable: bool,
-}
-
-impl StreamIdentity {
-    /// A new random id: memory mode, where every process start is a new stream.
-    pub fn ephemeral() -> Self {
-        let random: u128 = rand::random();
-        StreamIdentity {
-            id: Arc::from(format!("mem-{random:032x}")),
-            durable: false,
-        }
-    }
-}
 
 /// The limits and context of the `Packets` methods.
 pub struct PacketsService {

@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Duration};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use packet_ingest::{
-    config::ServeArgs,
+    config::{ServeArgs, Settings},
     frame::{sha256_frame, Channel, Frame},
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest, SubscribeResponse},
     server::{self, RunningServer},
@@ -34,7 +34,8 @@ pub async fn start(extra: &[&str]) -> RunningServer {
     argv.extend_from_slice(&LOOPBACK_ADDRS);
     argv.extend_from_slice(extra);
     let args = ServeArgs::try_parse_from(argv).expect("valid test arguments");
-    server::start(args).await.expect("server starts")
+    let settings = Settings::load(args).expect("usable test configuration");
+    server::start(settings).await.expect("server starts")
 }
 
 pub async fn client(server: &RunningServer) -> PacketsClient<GrpcChannel> {
