@@ -23,6 +23,8 @@
 //!   interface.
 //! - [`hub`]: **sequences** each batch and keeps the shared ring; subscriber
 //!   cursors and slow-subscriber policies.
+//! - [`log`]: with `--data-dir`, where batches are **stored**: the segment
+//!   log the hub appends to and lagging subscribers read from.
 //! - [`wire`]: the delivered encoding, written once per batch; a delivery is
 //!   slices of it. `grpc::framing` **delivers** them to Subscribe streams.
 //! - [`stream`]: which stream this server serves (its id).
@@ -45,6 +47,7 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod limits;
+pub mod log;
 pub mod metrics;
 pub mod outlet;
 pub mod producer;

@@ -89,6 +89,13 @@ pub struct Metrics {
     /// gRPC connections closed by the server, by reason.
     pub grpc_connections_closed: ReasonCount,
     pub publishers: Gauge,
+    /// Torn log tails cut at start (a write the previous run did not finish).
+    pub log_truncated_bytes: Counter,
+    pub log_corrupt_records: Counter,
+    pub log_write_errors: Counter,
+    pub log_bytes: Gauge,
+    pub log_segments: Gauge,
+    pub log_first_sequence: Gauge,
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
     pub verify_seconds: Histogram,
@@ -217,6 +224,28 @@ impl Metrics {
             "gRPC connections closed by the server, by reason",
         );
         let publishers = gauge(&mut registry, "publishers", "Open Publish streams");
+        let log_truncated_bytes = counter(
+            &mut registry,
+            "log_truncated_bytes",
+            "Bytes of torn log tail cut at start-up",
+        );
+        let log_corrupt_records = counter(
+            &mut registry,
+            "log_corrupt_records",
+            "Log records that failed their checksum when read (reported, never delivered)",
+        );
+        let log_write_errors = counter(
+            &mut registry,
+            "log_write_errors",
+            "Failed log writes (ingest pauses until writes succeed again)",
+        );
+        let log_bytes = gauge(&mut registry, "log_bytes", "Bytes in the log's segments");
+        let log_segments = gauge(&mut registry, "log_segments", "Segments in the log");
+        let log_first_sequence = gauge(
+            &mut registry,
+            "log_first_sequence",
+            "Oldest sequence still in the log",
+        );
         let requests_refused = count(
             &mut registry,
             "requests_refused",
@@ -266,6 +295,12 @@ impl Metrics {
             grpc_connections_total,
             grpc_connections_closed,
             publishers,
+            log_truncated_bytes,
+            log_corrupt_records,
+            log_write_errors,
+            log_bytes,
+            log_segments,
+            log_first_sequence,
             requests_refused,
             verify_seconds,
             rejection_handles,

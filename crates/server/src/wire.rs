@@ -436,6 +436,42 @@ impl SequencedBatch {
         &self.body
     }
 
+    /// Each packet's channel and the end offset of its record in `body()`:
+    /// with `body()`, everything the disk log stores for a batch.
+    pub fn entries(&self) -> impl Iterator<Item = (Channel, u32)> + '_ {
+        self.entries.iter().map(|entry| (entry.channel, entry.end))
+    }
+
+    /// A batch read back from storage. `None` if the entries do not describe
+    /// `body` (end offsets increasing, the last one at its end).
+    pub fn from_parts(
+        first_sequence: u64,
+        body: Bytes,
+        entries: impl IntoIterator<Item = (Channel, u32)>,
+        received_unix_nanos: i64,
+    ) -> Option<SequencedBatch> {
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .map(|(channel, end)| Entry { channel, end })
+            .collect();
+        let mut previous = 0;
+        for entry in &entries {
+            if entry.end <= previous {
+                return None;
+            }
+            previous = entry.end;
+        }
+        if previous as usize != body.len() {
+            return None;
+        }
+        Some(SequencedBatch {
+            first_sequence,
+            body,
+            entries,
+            received_unix_nanos,
+        })
+    }
+
     /// True while some delivery still holds part of this batch's buffer.
     pub fn is_referenced_elsewhere(&self) -> bool {
         !self.body.is_unique()

@@ -1,0 +1,562 @@
+//! The durable stream under `--data-dir` (SPEC §9): an append-only log of
+//! numbered batches, stored exactly as they are delivered.
+//!
+//! The usual design (Kafka's log segments, the NATS file store): segment
+//! files of records, each record one batch with a CRC32C, a sparse index per
+//! segment, retention by deleting whole segments, and recovery that scans
+//! only the tail of the last segment (so start-up time does not grow with the
+//! log). Written by hand because the crates that offer an embedded log store
+//! their own framing and would need the batch copied out of and back into
+//! the delivered encoding; here a record *is* the delivered bytes, and a
+//! catch-up read hands slices of one large read straight to subscribers.
+//!
+//! The hub drives this module (see `hub::persist`): one writer task appends
+//! what the hub numbered, and subscribers that are behind the memory ring read
+//! from here. This module knows nothing of either.
+//!
+//! - [`segment`]: the record format, appending, reading, the tail scan.
+//! - this module: the directory (lock, stream id, segment list), the writer
+//!   (rolling, syncing, retention) and reads by sequence.
+
+pub mod segment;
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+
+use crate::{metrics::Metrics, wire::SequencedBatch};
+use segment::{RecordError, SegmentWriter};
+
+/// When appended batches are made durable (SPEC §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncPolicy {
+    /// fsync after every write: acknowledged packets survive a power loss.
+    Always,
+    /// fsync every `--fsync-interval` (group commit): acknowledged packets
+    /// survive a power loss; acknowledgements wait for the next fsync.
+    Interval,
+    /// Never fsync: acknowledged packets survive `kill -9` (they are in the
+    /// kernel), not a power loss.
+    Never,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    pub retention_bytes: Option<u64>,
+    pub retention_age: Option<Duration>,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("--data-dir {dir} is in use by another packet-ingest ({holder}); stop it first or use another directory")]
+    Locked { dir: PathBuf, holder: String },
+    #[error("--data-dir {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--data-dir {dir}: segment {segment} cannot be recovered: {source}")]
+    Recovery {
+        dir: PathBuf,
+        segment: u64,
+        source: RecordError,
+    },
+}
+
+/// One segment as the log keeps track of it.
+#[derive(Clone, Copy, Debug)]
+struct SegmentMeta {
+    first_sequence: u64,
+    /// One past its last sequence (what the writer has flushed, for the active one).
+    end_sequence: u64,
+    len: u64,
+    /// When it was last written (retention by age).
+    modified: SystemTime,
+}
+
+/// The shared, read side of the log.
+pub struct Log {
+    options: LogOptions,
+    stream_id: String,
+    segments: RwLock<Vec<SegmentMeta>>,
+    metrics: Arc<Metrics>,
+    /// Holds the directory lock while the process lives.
+    _lock: File,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.options.dir)
+            .field("stream_id", &self.stream_id)
+            .finish()
+    }
+}
+
+/// A log just opened: the shared handle, its only writer, and what recovery did.
+pub struct Opened {
+    pub log: Arc<Log>,
+    pub writer: LogWriter,
+    /// The sequence the next accepted packet gets.
+    pub next_sequence: u64,
+    pub truncated_bytes: u64,
+}
+
+const LOCK_FILE: &str = "LOCK";
+const STREAM_ID_FILE: &str = "stream-id";
+
+/// Takes the directory's lock; a second process gets the holder's name.
+fn lock(dir: &Path) -> Result<File, LogError> {
+    let io = |source| LogError::Io {
+        dir: dir.to_owned(),
+        source,
+    };
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(LogError::Locked {
+                dir: dir.to_owned(),
+                holder: match holder.trim() {
+                    "" => "holder unknown".to_owned(),
+                    holder => holder.to_owned(),
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    file.set_len(0).map_err(io)?;
+    file.write_all_at(
+        format!("pid {} on {}", std::process::id(), host.trim()).as_bytes(),
+        0,
+    )
+    .map_err(io)?;
+    Ok(file)
+}
+
+/// The directory's stream id, created with it (SPEC §7).
+fn stream_id(dir: &Path) -> Result<String, LogError> {
+    let path = dir.join(STREAM_ID_FILE);
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.len() <= 64 {
+            return Ok(id.to_owned());
+        }
+    }
+    let random: u128 = rand::random();
+    let id = format!("disk-{random:032x}");
+    // Written whole then renamed, so a crash never leaves half an id.
+    let temporary = dir.join(format!("{STREAM_ID_FILE}.tmp"));
+    let io = |source| LogError::Io {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut file = File::create(&temporary).map_err(io)?;
+    file.write_all(id.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, &path).map_err(io)?;
+    File::open(dir).and_then(|dir| dir.sync_all()).map_err(io)?;
+    Ok(id)
+}
+
+impl Log {
+    /// Opens (or creates) the log in `options.dir`: takes the lock, reads the
+    /// stream id, lists the segments and recovers the last one's tail.
+    pub fn open(options: LogOptions, metrics: Arc<Metrics>) -> Result<Opened, LogError> {
+        let dir = options.dir.clone();
+        let io = |source| LogError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let lock = lock(&dir)?;
+        let stream_id = stream_id(&dir)?;
+        let mut firsts: Vec<u64> = std::fs::read_dir(&dir)
+            .map_err(io)?
+            .filter_map(|entry| segment::parse_name(&entry.ok()?.file_name().to_string_lossy()))
+            .collect();
+        firsts.sort_unstable();
+        let mut segments = Vec::with_capacity(firsts.len());
+        for (position, first) in firsts.iter().enumerate() {
+            let metadata = std::fs::metadata(segment::log_path(&dir, *first)).map_err(io)?;
+            // A sealed segment ends where the next begins.
+            let end = firsts.get(position + 1).copied().unwrap_or(*first);
+            segments.push(SegmentMeta {
+                first_sequence: *first,
+                end_sequence: end,
+                len: metadata.len(),
+                modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        let (writer_segment, truncated_bytes) = match segments.last_mut() {
+            Some(last) => {
+                let recovered =
+                    segment::recover_tail(&dir, last.first_sequence).map_err(|source| {
+                        LogError::Recovery {
+                            dir: dir.clone(),
+                            segment: last.first_sequence,
+                            source,
+                        }
+                    })?;
+                last.end_sequence = recovered.end_sequence;
+                last.len = recovered.len;
+                let writer = SegmentWriter::reopen(&dir, &recovered).map_err(io)?;
+                (writer, recovered.truncated_bytes)
+            }
+            None => {
+                let writer = SegmentWriter::create(&dir, 1).map_err(io)?;
+                segments.push(SegmentMeta {
+                    first_sequence: 1,
+                    end_sequence: 1,
+                    len: 0,
+                    modified: SystemTime::now(),
+                });
+                (writer, 0)
+            }
+        };
+        if truncated_bytes > 0 {
+            tracing::warn!(
+                bytes = truncated_bytes,
+                segment = writer_segment.first_sequence,
+                "cut a torn tail off the log (a write the last run did not finish)"
+            );
+            metrics.log_truncated_bytes.inc_by(truncated_bytes);
+        }
+        let next_sequence = writer_segment.end_sequence;
+        let log = Arc::new(Log {
+            options,
+            stream_id,
+            segments: RwLock::new(segments),
+            metrics,
+            _lock: lock,
+        });
+        log.publish_gauges();
+        let writer = LogWriter {
+            log: Arc::clone(&log),
+            active: writer_segment,
+        };
+        Ok(Opened {
+            log,
+            writer,
+            next_sequence,
+            truncated_bytes,
+        })
+    }
+
+    pub fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+
+    pub fn options(&self) -> &LogOptions {
+        &self.options
+    }
+
+    fn segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<SegmentMeta>> {
+        self.segments
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The oldest sequence still on disk.
+    pub fn first_sequence(&self) -> u64 {
+        self.segments()
+            .first()
+            .map_or(1, |segment| segment.first_sequence)
+    }
+
+    /// One past the newest sequence written.
+    pub fn end_sequence(&self) -> u64 {
+        self.segments()
+            .last()
+            .map_or(1, |segment| segment.end_sequence)
+    }
+
+    pub fn retained_bytes(&self) -> u64 {
+        self.segments().iter().map(|segment| segment.len).sum()
+    }
+
+    fn publish_gauges(&self) {
+        let segments = self.segments();
+        self.metrics
+            .log_bytes
+            .set(segments.iter().map(|segment| segment.len).sum::<u64>() as i64);
+        self.metrics.log_segments.set(segments.len() as i64);
+        self.metrics
+            .log_first_sequence
+            .set(segments.first().map_or(1, |segment| segment.first_sequence) as i64);
+    }
+
+    /// Reads batches from `from` on, about `max_bytes` of them (at least one
+    /// record), from one segment. Blocking: call it off the reactor.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<LogRead, std::io::Error> {
+        let (segment, next_first) = {
+            let segments = self.segments();
+            let position = segments.partition_point(|segment| segment.end_sequence <= from);
+            match segments.get(position) {
+                None => {
+                    return Ok(LogRead {
+                        batches: Vec::new(),
+                        skipped: 0,
+                        resume_at: from,
+                    })
+                }
+                Some(segment) if segment.first_sequence > from => {
+                    // Deleted by retention: skip to what is left.
+                    return Ok(LogRead {
+                        batches: Vec::new(),
+                        skipped: segment.first_sequence - from,
+                        resume_at: segment.first_sequence,
+                    });
+                }
+                Some(segment) => (
+                    *segment,
+                    segments.get(position + 1).map(|next| next.first_sequence),
+                ),
+            }
+        };
+        let dir = &self.options.dir;
+        let file = match File::open(segment::log_path(dir, segment.first_sequence)) {
+            Ok(file) => file,
+            // Retention removed it since: what follows is still there.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let resume_at = next_first.unwrap_or(segment.end_sequence);
+                return Ok(LogRead {
+                    batches: Vec::new(),
+                    skipped: resume_at.saturating_sub(from),
+                    resume_at,
+                });
+            }
+            Err(error) => return Err(error),
+        };
+        let index = segment::read_index(dir, segment.first_sequence, segment.len);
+        let mut offset = index
+            .partition_point(|(sequence, _)| *sequence <= from)
+            .checked_sub(1)
+            .map_or(0, |position| index[position].1);
+        // One large sequential read; records are sliced out of it.
+        let want = (max_bytes as u64)
+            .max(1 << 16)
+            .min(segment.len - offset.min(segment.len));
+        let mut buf = vec![0u8; want as usize];
+        let got = read_fully_at(&file, &mut buf, offset)?;
+        buf.truncate(got);
+        let mut chunk = Bytes::from(buf);
+        let mut read = LogRead {
+            batches: Vec::new(),
+            skipped: 0,
+            resume_at: from,
+        };
+        while offset < segment.len {
+            let decoded = match segment::decode_record(&chunk, offset) {
+                Err(RecordError::Truncated { .. }) if read.batches.is_empty() => {
+                    // A record larger than what was read: read it alone.
+                    segment::read_record_at(&file, offset, segment.len)
+                }
+                decoded => decoded,
+            };
+            match decoded {
+                Ok((batch, len)) => {
+                    offset += len as u64;
+                    if chunk.len() >= len {
+                        let _ = chunk.split_to(len);
+                    } else {
+                        chunk.clear();
+                    }
+                    if batch.end_sequence() > from {
+                        read.resume_at = batch.end_sequence();
+                        read.batches.push(batch);
+                    }
+                }
+                // The read ended mid-record: the next read starts there.
+                Err(RecordError::Truncated { .. }) => break,
+                Err(error) => {
+                    // Corruption: report it, never deliver it, go on after it.
+                    self.metrics.log_corrupt_records.inc();
+                    let resume_at = index
+                        .iter()
+                        .find(|(_, at)| *at > offset)
+                        .map(|(sequence, _)| *sequence)
+                        .or(next_first)
+                        .unwrap_or(segment.end_sequence);
+                    tracing::error!(
+                        %error,
+                        segment = segment.first_sequence,
+                        skipped_to = resume_at,
+                        "log record fails its checks; skipping it"
+                    );
+                    read.skipped += resume_at.saturating_sub(read.resume_at);
+                    read.resume_at = resume_at;
+                    break;
+                }
+            }
+            if chunk.is_empty() && !read.batches.is_empty() {
+                break;
+            }
+        }
+        Ok(read)
+    }
+}
+
+/// `read_at` until `buf` is full or the file ends.
+fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64)? {
+            0 => break,
+            read => got += read,
+        }
+    }
+    Ok(got)
+}
+
+/// What one `Log::read` found.
+#[derive(Debug, Default)]
+pub struct LogRead {
+    /// Whole batches; the first may start before the sequence asked for.
+    pub batches: Vec<SequencedBatch>,
+    /// Sequences that are gone (retention) or unreadable (corruption).
+    pub skipped: u64,
+    /// Where the next read continues.
+    pub resume_at: u64,
+}
+
+/// The only writer of the log, owned by the hub's writer task.
+pub struct LogWriter {
+    log: Arc<Log>,
+    active: SegmentWriter,
+}
+
+impl LogWriter {
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    /// Where the next batch goes, and what a failed write rolls back to.
+    pub fn position(&self) -> (u64, u64) {
+        (self.active.len, self.active.end_sequence)
+    }
+
+    /// Appends batches (buffered) and hands them to the kernel; starts a new
+    /// segment when the active one is full. On error, nothing is reported
+    /// written: the caller rolls back with `rollback`.
+    pub fn write(&mut self, batches: &[Arc<SequencedBatch>]) -> std::io::Result<()> {
+        for batch in batches {
+            if self.active.len >= self.log.options.segment_bytes {
+                self.roll(batch.first_sequence)?;
+            }
+            self.active.append(batch)?;
+        }
+        self.active.flush()?;
+        let mut segments = self
+            .log
+            .segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(last) = segments.last_mut() {
+            last.end_sequence = self.active.end_sequence;
+            last.len = self.active.len;
+            last.modified = SystemTime::now();
+        }
+        drop(segments);
+        self.log.publish_gauges();
+        Ok(())
+    }
+
+    /// Makes everything written survive a power loss.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.active.sync()
+    }
+
+    /// Drops a failed write's leftovers (the active segment back to `len`).
+    pub fn rollback(&mut self, len: u64, end_sequence: u64) -> std::io::Result<()> {
+        self.active.truncate_to(len, end_sequence)
+    }
+
+    fn roll(&mut self, first_sequence: u64) -> std::io::Result<()> {
+        // The old segment is complete on disk before the new one exists.
+        self.active.sync()?;
+        let next = SegmentWriter::create(&self.log.options.dir, first_sequence)?;
+        File::open(&self.log.options.dir)?.sync_all()?;
+        self.active = next;
+        let mut segments = self
+            .log
+            .segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        segments.push(SegmentMeta {
+            first_sequence,
+            end_sequence: first_sequence,
+            len: 0,
+            modified: SystemTime::now(),
+        });
+        Ok(())
+    }
+
+    /// Deletes whole segments, oldest first, beyond `--retention-bytes` or
+    /// older than `--retention-age`; never the active one. Returns how many.
+    pub fn apply_retention(&mut self) -> usize {
+        let options = &self.log.options;
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        {
+            let mut segments = self
+                .log
+                .segments
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut total: u64 = segments.iter().map(|segment| segment.len).sum();
+            while segments.len() > 1 {
+                let oldest = segments[0];
+                let over_bytes = options.retention_bytes.is_some_and(|limit| total > limit);
+                let too_old = options.retention_age.is_some_and(|age| {
+                    now.duration_since(oldest.modified).unwrap_or_default() > age
+                });
+                if !(over_bytes || too_old) {
+                    break;
+                }
+                total -= oldest.len;
+                removed.push(segments.remove(0));
+            }
+        }
+        for segment in &removed {
+            // Readers with the file open keep reading it; new readers skip it.
+            let _ = std::fs::remove_file(segment::log_path(&options.dir, segment.first_sequence));
+            let _ = std::fs::remove_file(segment::index_path(&options.dir, segment.first_sequence));
+            tracing::info!(
+                first = segment.first_sequence,
+                end = segment.end_sequence,
+                bytes = segment.len,
+                "retention deleted a log segment"
+            );
+        }
+        if !removed.is_empty() {
+            self.log.publish_gauges();
+        }
+        removed.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,492 @@
+//! One segment of the log: its record format, appending, reading, and the
+//! recovery scan of a segment's tail.
+//!
+//! A segment is `<first sequence, 20 digits>.log`, a run of records, each one
+//! numbered batch exactly as it is delivered:
+//!
+//! ```text
+//! offset size
+//! 0      4    magic "PIL1"
+//! 4      4    CRC32C of bytes 8..end of record
+//! 8      4    packets in the batch
+//! 12     4    body length
+//! 16     8    first sequence
+//! 24     8    received_unix_nanos of the oldest packet
+//! 32     8×n  per packet: channel (u32), end offset of its record in the body (u32)
+//! ..     len  body: the batch's `SubscribeResponse.packets` records
+//! ```
+//!
+//! all integers big-endian. Next to it, `<first sequence>.idx` is a sparse
+//! index: (first sequence, offset) of one record every `INDEX_EVERY` bytes,
+//! so a read seeks close to any sequence and recovery scans only the tail.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufWriter, Read, Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+
+use crate::{frame::Channel, wire::SequencedBatch};
+
+pub const MAGIC: [u8; 4] = *b"PIL1";
+pub const HEADER_LEN: usize = 32;
+const ENTRY_LEN: usize = 8;
+const INDEX_ENTRY_LEN: usize = 16;
+/// Log bytes between two index entries.
+pub const INDEX_EVERY: u64 = 64 * 1024;
+
+pub fn log_path(dir: &Path, first_sequence: u64) -> PathBuf {
+    dir.join(format!("{first_sequence:020}.log"))
+}
+
+pub fn index_path(dir: &Path, first_sequence: u64) -> PathBuf {
+    dir.join(format!("{first_sequence:020}.idx"))
+}
+
+/// The first sequence a segment file name stands for.
+pub fn parse_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    (digits.len() == 20).then(|| digits.parse().ok()).flatten()
+}
+
+/// A record's header, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub crc: u32,
+    pub count: u32,
+    pub body_len: u32,
+    pub first_sequence: u64,
+    pub received_unix_nanos: i64,
+}
+
+impl RecordHeader {
+    pub fn record_len(&self) -> usize {
+        HEADER_LEN + self.count as usize * ENTRY_LEN + self.body_len as usize
+    }
+
+    pub fn end_sequence(&self) -> u64 {
+        self.first_sequence + u64::from(self.count)
+    }
+
+    fn parse(bytes: &[u8]) -> Option<RecordHeader> {
+        if bytes.len() < HEADER_LEN || bytes[0..4] != MAGIC {
+            return None;
+        }
+        let u32_at = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let u64_at = |at: usize| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_be_bytes(raw)
+        };
+        let header = RecordHeader {
+            crc: u32_at(4),
+            count: u32_at(8),
+            body_len: u32_at(12),
+            first_sequence: u64_at(16),
+            received_unix_nanos: u64_at(24) as i64,
+        };
+        (header.count > 0).then_some(header)
+    }
+}
+
+/// Encodes a batch's header and entries (the body follows them as is).
+pub fn encode_head(batch: &SequencedBatch) -> Vec<u8> {
+    let count = batch.len();
+    let mut head = Vec::with_capacity(HEADER_LEN + count * ENTRY_LEN);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&[0; 4]); // CRC, filled in below
+    head.extend_from_slice(&(count as u32).to_be_bytes());
+    head.extend_from_slice(&(batch.body().len() as u32).to_be_bytes());
+    head.extend_from_slice(&batch.first_sequence.to_be_bytes());
+    head.extend_from_slice(&batch.received_unix_nanos().to_be_bytes());
+    for (channel, end) in batch.entries() {
+        head.extend_from_slice(&channel.0.to_be_bytes());
+        head.extend_from_slice(&end.to_be_bytes());
+    }
+    let mut crc = crc32c::crc32c(&head[8..]);
+    crc = crc32c::crc32c_append(crc, batch.body());
+    head[4..8].copy_from_slice(&crc.to_be_bytes());
+    head
+}
+
+/// Why a record could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record at offset {offset} is cut short")]
+    Truncated { offset: u64 },
+    #[error("record at offset {offset} has a bad header")]
+    BadHeader { offset: u64 },
+    #[error("record at offset {offset} fails its checksum")]
+    Checksum { offset: u64 },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Decodes the record at the front of `buf` (read from `offset`). On success,
+/// the batch (its body shares `buf`) and the record's length.
+pub fn decode_record(buf: &Bytes, offset: u64) -> Result<(SequencedBatch, usize), RecordError> {
+    if buf.len() < HEADER_LEN {
+        return Err(RecordError::Truncated { offset });
+    }
+    let header = RecordHeader::parse(buf).ok_or(RecordError::BadHeader { offset })?;
+    let len = header.record_len();
+    if buf.len() < len {
+        return Err(RecordError::Truncated { offset });
+    }
+    if crc32c::crc32c(&buf[8..len]) != header.crc {
+        return Err(RecordError::Checksum { offset });
+    }
+    let entries_end = HEADER_LEN + header.count as usize * ENTRY_LEN;
+    let entries = buf[HEADER_LEN..entries_end]
+        .chunks_exact(ENTRY_LEN)
+        .map(|entry| {
+            (
+                Channel(u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]])),
+                u32::from_be_bytes([entry[4], entry[5], entry[6], entry[7]]),
+            )
+        });
+    let batch = SequencedBatch::from_parts(
+        header.first_sequence,
+        buf.slice(entries_end..len),
+        entries,
+        header.received_unix_nanos,
+    )
+    .ok_or(RecordError::BadHeader { offset })?;
+    Ok((batch, len))
+}
+
+/// The active segment, appended to by the log writer.
+pub struct SegmentWriter {
+    pub first_sequence: u64,
+    pub end_sequence: u64,
+    /// Bytes written (and, after `flush`, handed to the kernel).
+    pub len: u64,
+    log: BufWriter<File>,
+    index: BufWriter<File>,
+    last_indexed: Option<u64>,
+}
+
+impl SegmentWriter {
+    /// Creates a new, empty segment whose first record will be `first_sequence`.
+    pub fn create(dir: &Path, first_sequence: u64) -> std::io::Result<SegmentWriter> {
+        let open = |path: PathBuf| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(path)
+        };
+        Ok(SegmentWriter {
+            first_sequence,
+            end_sequence: first_sequence,
+            len: 0,
+            log: BufWriter::with_capacity(1 << 20, open(log_path(dir, first_sequence))?),
+            index: BufWriter::new(open(index_path(dir, first_sequence))?),
+            last_indexed: None,
+        })
+    }
+
+    /// Reopens a recovered segment for appending at `len` (its valid end).
+    pub fn reopen(dir: &Path, recovered: &Recovered) -> std::io::Result<SegmentWriter> {
+        let log = OpenOptions::new()
+            .write(true)
+            .open(log_path(dir, recovered.first_sequence))?;
+        log.set_len(recovered.len)?;
+        let mut index = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(index_path(dir, recovered.first_sequence))?;
+        // Rewrite the index from what recovery found valid.
+        index.set_len(0)?;
+        let mut bytes = Vec::with_capacity(recovered.index.len() * INDEX_ENTRY_LEN);
+        for (sequence, offset) in &recovered.index {
+            bytes.extend_from_slice(&sequence.to_be_bytes());
+            bytes.extend_from_slice(&offset.to_be_bytes());
+        }
+        index.write_all(&bytes)?;
+        let mut log = BufWriter::with_capacity(1 << 20, log);
+        log.seek(SeekFrom::Start(recovered.len))?;
+        Ok(SegmentWriter {
+            first_sequence: recovered.first_sequence,
+            end_sequence: recovered.end_sequence,
+            len: recovered.len,
+            log,
+            index: BufWriter::new(index),
+            last_indexed: recovered.index.last().map(|(_, offset)| *offset),
+        })
+    }
+
+    /// Appends one batch (buffered; `flush` hands it to the kernel).
+    pub fn append(&mut self, batch: &SequencedBatch) -> std::io::Result<()> {
+        let offset = self.len;
+        if self
+            .last_indexed
+            .is_none_or(|last| offset - last >= INDEX_EVERY)
+        {
+            self.index.write_all(&batch.first_sequence.to_be_bytes())?;
+            self.index.write_all(&offset.to_be_bytes())?;
+            self.last_indexed = Some(offset);
+        }
+        let head = encode_head(batch);
+        self.log.write_all(&head)?;
+        self.log.write_all(batch.body())?;
+        self.len += (head.len() + batch.body().len()) as u64;
+        self.end_sequence = batch.end_sequence();
+        Ok(())
+    }
+
+    /// Hands everything appended to the kernel (survives `kill -9`).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.log.flush()?;
+        self.index.flush()
+    }
+
+    /// `flush`, then asks the disk to keep it (survives a power loss).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        self.log.get_ref().sync_data()
+    }
+
+    /// Drops whatever was appended after `len` (a failed write's leftovers).
+    pub fn truncate_to(&mut self, len: u64, end_sequence: u64) -> std::io::Result<()> {
+        // Unwritten buffered bytes go first; errors there are expected.
+        let _ = self.log.flush();
+        let file = self.log.get_mut();
+        file.set_len(len)?;
+        file.seek(SeekFrom::Start(len))?;
+        self.len = len;
+        self.end_sequence = end_sequence;
+        Ok(())
+    }
+}
+
+/// What recovery found in a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    pub first_sequence: u64,
+    pub end_sequence: u64,
+    /// The valid length: everything after it was cut.
+    pub len: u64,
+    pub truncated_bytes: u64,
+    pub index: Vec<(u64, u64)>,
+}
+
+/// Reads a segment's index file; entries past `max_offset` are dropped.
+pub fn read_index(dir: &Path, first_sequence: u64, max_offset: u64) -> Vec<(u64, u64)> {
+    let mut bytes = Vec::new();
+    if File::open(index_path(dir, first_sequence))
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut entries: Vec<(u64, u64)> = Vec::new();
+    for chunk in bytes.chunks_exact(INDEX_ENTRY_LEN) {
+        let mut sequence = [0u8; 8];
+        let mut offset = [0u8; 8];
+        sequence.copy_from_slice(&chunk[..8]);
+        offset.copy_from_slice(&chunk[8..]);
+        let entry = (u64::from_be_bytes(sequence), u64::from_be_bytes(offset));
+        // Keep only entries that increase: anything else is a torn write.
+        if entry.1 >= max_offset
+            || entries
+                .last()
+                .is_some_and(|last| last.0 >= entry.0 || last.1 >= entry.1)
+        {
+            break;
+        }
+        entries.push(entry);
+    }
+    entries
+}
+
+/// Finds the valid end of the segment starting at `first_sequence`, scanning
+/// only from its last index entry (so start-up does not grow with the log),
+/// and cuts a torn tail.
+pub fn recover_tail(dir: &Path, first_sequence: u64) -> Result<Recovered, RecordError> {
+    let path = log_path(dir, first_sequence);
+    let file = File::open(&path)?;
+    let file_len = file.metadata()?.len();
+    let mut index = read_index(dir, first_sequence, file_len);
+    // Walk back from the last index entry until one is a valid record.
+    let (mut offset, mut sequence) = loop {
+        let Some(&(sequence, offset)) = index.last() else {
+            break (0, first_sequence);
+        };
+        match read_record_at(&file, offset, file_len) {
+            Ok((batch, _)) if batch.first_sequence == sequence => break (offset, sequence),
+            _ => {
+                index.pop();
+            }
+        }
+    };
+    while offset < file_len {
+        match read_record_at(&file, offset, file_len) {
+            Ok((batch, len)) if batch.first_sequence == sequence => {
+                offset += len as u64;
+                sequence = batch.end_sequence();
+            }
+            _ => break,
+        }
+    }
+    Ok(Recovered {
+        first_sequence,
+        end_sequence: sequence,
+        len: offset,
+        truncated_bytes: file_len - offset,
+        index,
+    })
+}
+
+/// Reads the one record at `offset` (at most `file_len`).
+pub fn read_record_at(
+    file: &File,
+    offset: u64,
+    file_len: u64,
+) -> Result<(SequencedBatch, usize), RecordError> {
+    let mut header = [0u8; HEADER_LEN];
+    if file_len.saturating_sub(offset) < HEADER_LEN as u64 {
+        return Err(RecordError::Truncated { offset });
+    }
+    file.read_exact_at(&mut header, offset)?;
+    let parsed = RecordHeader::parse(&header).ok_or(RecordError::BadHeader { offset })?;
+    let len = parsed.record_len();
+    if file_len - offset < len as u64 {
+        return Err(RecordError::Truncated { offset });
+    }
+    let mut record = vec![0u8; len];
+    file.read_exact_at(&mut record, offset)?;
+    decode_record(&Bytes::from(record), offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{EncodedPacketsBuilder, PacketFields};
+
+    pub(crate) fn batch(first: u64, count: usize, size: usize) -> SequencedBatch {
+        let payload = vec![0x5A; size];
+        let mut builder = EncodedPacketsBuilder::with_capacity(count, 0, first);
+        for index in 0..count {
+            builder.push(&PacketFields {
+                channel: Channel(index as u32 % 3),
+                payload: &payload,
+                digest: &[1; 32],
+                source: "tcp/127.0.0.1:1",
+                source_sequence: index as u64,
+                received_unix_nanos: 1_000 + index as i64,
+            });
+        }
+        builder.finish().stamp(first)
+    }
+
+    fn same(a: &SequencedBatch, b: &SequencedBatch) {
+        assert_eq!(a.first_sequence, b.first_sequence);
+        assert_eq!(a.body(), b.body());
+        assert_eq!(
+            a.entries().collect::<Vec<_>>(),
+            b.entries().collect::<Vec<_>>()
+        );
+        assert_eq!(a.received_unix_nanos(), b.received_unix_nanos());
+    }
+
+    #[test]
+    fn records_read_back_exactly_as_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut writer = SegmentWriter::create(dir.path(), 1).expect("create");
+        let batches: Vec<SequencedBatch> = (0..50)
+            .scan(1, |next, index| {
+                let batch = batch(*next, 1 + index % 7, 1000 * (index % 5));
+                *next = batch.end_sequence();
+                Some(batch)
+            })
+            .collect();
+        for batch in &batches {
+            writer.append(batch).expect("append");
+        }
+        writer.sync().expect("sync");
+        let file = File::open(log_path(dir.path(), 1)).expect("open");
+        let len = file.metadata().expect("metadata").len();
+        let mut offset = 0;
+        for batch in &batches {
+            let (read, record_len) = read_record_at(&file, offset, len).expect("read");
+            same(batch, &read);
+            offset += record_len as u64;
+        }
+        assert_eq!(offset, len);
+        let recovered = recover_tail(dir.path(), 1).expect("recover");
+        assert_eq!(
+            recovered.end_sequence,
+            batches.last().expect("batches").end_sequence()
+        );
+        assert_eq!((recovered.len, recovered.truncated_bytes), (len, 0));
+        assert!(
+            recovered.index.len() > 1,
+            "sparse index written: {:?}",
+            recovered.index
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_possible_length() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut writer = SegmentWriter::create(dir.path(), 10).expect("create");
+        writer.append(&batch(10, 3, 100)).expect("append");
+        writer.append(&batch(13, 2, 100)).expect("append");
+        writer.sync().expect("sync");
+        let path = log_path(dir.path(), 10);
+        let whole = std::fs::read(&path).expect("read");
+        let first_len = read_record_at(&File::open(&path).expect("open"), 0, whole.len() as u64)
+            .expect("first")
+            .1;
+        for cut in first_len..whole.len() {
+            std::fs::write(&path, &whole[..cut]).expect("write");
+            let recovered = recover_tail(dir.path(), 10).expect("recover");
+            assert_eq!(recovered.len, first_len as u64, "cut at {cut}");
+            assert_eq!(recovered.end_sequence, 13);
+            assert_eq!(recovered.truncated_bytes, (cut - first_len) as u64);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_the_checksum() {
+        let original = batch(1, 4, 64);
+        let mut bytes = encode_head(&original);
+        bytes.extend_from_slice(original.body());
+        for at in 8..bytes.len() {
+            let mut corrupt = bytes.clone();
+            corrupt[at] ^= 0x40;
+            assert!(
+                decode_record(&Bytes::from(corrupt), 0).is_err(),
+                "byte {at}"
+            );
+        }
+        let (read, _) = decode_record(&Bytes::from(bytes), 0).expect("intact");
+        same(&original, &read);
+    }
+
+    #[test]
+    fn a_reopened_segment_continues_after_its_valid_end() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut writer = SegmentWriter::create(dir.path(), 1).expect("create");
+        writer.append(&batch(1, 2, 10)).expect("append");
+        writer.flush().expect("flush");
+        drop(writer);
+        // Garbage after the record, as a crash mid-write leaves it.
+        let path = log_path(dir.path(), 1);
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(b"PIL1 half a header").expect("write");
+        let recovered = recover_tail(dir.path(), 1).expect("recover");
+        let mut writer = SegmentWriter::reopen(dir.path(), &recovered).expect("reopen");
+        writer.append(&batch(3, 1, 10)).expect("append");
+        writer.flush().expect("flush");
+        let again = recover_tail(dir.path(), 1).expect("recover");
+        assert_eq!((again.end_sequence, again.truncated_bytes), (4, 0));
+    }
+}

@@ -1,0 +1,153 @@
+//! Unit tests of the log directory: lock, stream id, segments, reads by
+//! sequence, retention, corruption.
+
+use super::*;
+use crate::wire::{EncodedPacketsBuilder, PacketFields};
+
+fn options(dir: &Path) -> LogOptions {
+    LogOptions {
+        dir: dir.to_owned(),
+        segment_bytes: 64 * 1024,
+        retention_bytes: None,
+        retention_age: None,
+        fsync: FsyncPolicy::Never,
+        fsync_interval: Duration::from_millis(100),
+    }
+}
+
+fn batch(first: u64, count: usize, size: usize) -> Arc<SequencedBatch> {
+    let payload = vec![first as u8; size];
+    let mut builder = EncodedPacketsBuilder::with_capacity(count, 0, first);
+    for index in 0..count {
+        builder.push(&PacketFields {
+            channel: crate::frame::Channel(index as u32),
+            payload: &payload,
+            digest: &[2; 32],
+            source: "grpc/127.0.0.1:9",
+            source_sequence: index as u64,
+            received_unix_nanos: 7,
+        });
+    }
+    Arc::new(builder.finish().stamp(first))
+}
+
+/// Writes `count` batches of `per` packets from sequence 1; returns the end.
+fn fill(writer: &mut LogWriter, count: usize, per: usize, size: usize) -> u64 {
+    let mut next = writer.position().1;
+    for _ in 0..count {
+        let batch = batch(next, per, size);
+        next = batch.end_sequence();
+        writer.write(&[batch]).expect("write");
+    }
+    next
+}
+
+/// Every sequence from `from` on, read back in order until the end.
+fn read_all(log: &Log, mut from: u64) -> (Vec<u64>, u64) {
+    let mut sequences = Vec::new();
+    let mut skipped = 0;
+    for _ in 0..10_000 {
+        let read = log.read(from, 100_000).expect("read");
+        skipped += read.skipped;
+        for batch in &read.batches {
+            for index in 0..batch.len() {
+                let sequence = batch.first_sequence + index as u64;
+                if sequence >= from {
+                    sequences.push(sequence);
+                }
+            }
+        }
+        if read.resume_at == from {
+            break;
+        }
+        from = read.resume_at;
+    }
+    (sequences, skipped)
+}
+
+#[test]
+fn a_second_process_is_refused_with_the_holder_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let Err(error) = Log::open(options(dir.path()), Metrics::new()) else {
+        panic!("a second open must be refused");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    drop(first);
+    assert!(Log::open(options(dir.path()), Metrics::new()).is_ok());
+}
+
+#[test]
+fn stream_id_and_numbering_survive_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let id = opened.log.stream_id().to_owned();
+    assert!(id.starts_with("disk-") && id.len() <= 64, "{id}");
+    assert_eq!(opened.next_sequence, 1);
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 40, 10, 500);
+    drop((writer, opened.log));
+    let again = Log::open(options(dir.path()), Metrics::new()).expect("reopen");
+    assert_eq!(again.log.stream_id(), id);
+    assert_eq!(again.next_sequence, end);
+    assert_eq!(again.truncated_bytes, 0);
+}
+
+#[test]
+fn reads_cross_segments_from_any_sequence_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 200, 7, 300);
+    assert!(opened.log.segments().len() > 3, "several segments");
+    for from in [1, 2, 7, 8, 500, end - 1] {
+        let (sequences, skipped) = read_all(&opened.log, from);
+        assert_eq!(skipped, 0);
+        assert_eq!(sequences, (from..end).collect::<Vec<_>>(), "from {from}");
+    }
+    let caught_up = opened.log.read(end, 1000).expect("read");
+    assert!(caught_up.batches.is_empty() && caught_up.resume_at == end);
+}
+
+#[test]
+fn retention_deletes_whole_old_segments_and_reads_report_the_skip() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = options(dir.path());
+    options.retention_bytes = Some(200 * 1024);
+    let opened = Log::open(options, Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 300, 7, 300);
+    let removed = writer.apply_retention();
+    assert!(removed > 0);
+    let log = &opened.log;
+    assert!(log.retained_bytes() <= 200 * 1024 + 64 * 1024 + 4096);
+    let first = log.first_sequence();
+    assert!(first > 1);
+    let (sequences, skipped) = read_all(log, 1);
+    assert_eq!(skipped, first - 1, "what retention deleted is reported");
+    assert_eq!(sequences, (first..end).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_corrupted_record_is_reported_and_skipped_never_delivered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = options(dir.path());
+    options.segment_bytes = 1 << 30;
+    let opened = Log::open(options, Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 100, 10, 1000);
+    // Flip a byte in the middle of the segment.
+    let path = segment::log_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&path, &bytes).expect("write");
+    let (sequences, skipped) = read_all(&opened.log, 1);
+    assert!(skipped > 0, "the corrupted record is reported");
+    assert_eq!(sequences.len() as u64 + skipped, end - 1);
+    assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]));
+}
