@@ -14,6 +14,8 @@ pub use packet_ingest_protocol::units::{parse_duration, parse_size};
 use crate::{
     auth::TokenStore,
     hub::SlowSubscriberPolicy,
+    log::{FsyncPolicy, LogOptions},
+    metrics::Metrics,
     tls::{self, TlsError, TlsPaths, TlsSetup},
 };
 
@@ -119,9 +121,28 @@ pub struct ServeArgs {
     /// Bytes held for history and lagging subscribers together (suffixes KiB, MiB, GiB).
     #[arg(long, env = "PACKET_INGEST_MEMORY_LIMIT", default_value = "256MiB", value_parser = parse_memory_size)]
     pub memory_limit: u64,
-    /// What happens to a subscriber that falls behind by more than its buffer.
-    #[arg(long, env = "PACKET_INGEST_SLOW_SUBSCRIBER", value_enum, default_value_t = SlowSubscriberPolicy::Gap)]
-    pub slow_subscriber: SlowSubscriberPolicy,
+    /// What happens to a subscriber that falls behind by more than its buffer
+    /// (default: gap; catch-up with --data-dir).
+    #[arg(long, env = "PACKET_INGEST_SLOW_SUBSCRIBER", value_enum)]
+    pub slow_subscriber: Option<SlowSubscriberPolicy>,
+    /// Directory of the durable stream: packets, numbering and stream id survive restarts.
+    #[arg(long, env = "PACKET_INGEST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// With --data-dir: delete the oldest segments beyond this many bytes (0: no limit).
+    #[arg(long, env = "PACKET_INGEST_RETENTION_BYTES", default_value = "0", value_parser = parse_size)]
+    pub retention_bytes: u64,
+    /// With --data-dir: delete segments older than this (0s: no limit).
+    #[arg(long, env = "PACKET_INGEST_RETENTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub retention_age: Duration,
+    /// With --data-dir: when written packets are made durable (always, interval, never).
+    #[arg(long, env = "PACKET_INGEST_FSYNC", value_enum, default_value_t = FsyncPolicy::Interval)]
+    pub fsync: FsyncPolicy,
+    /// With --fsync interval: how often (group commit).
+    #[arg(long, env = "PACKET_INGEST_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_positive_duration)]
+    pub fsync_interval: Duration,
+    /// With --data-dir: size at which a log segment is closed and a new one started.
+    #[arg(long, env = "PACKET_INGEST_SEGMENT_BYTES", default_value = "64MiB", value_parser = parse_memory_size)]
+    pub segment_bytes: u64,
     /// In block mode, how long a stuck subscriber may hold up ingest before it is cut.
     #[arg(long, env = "PACKET_INGEST_BLOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub block_timeout: Duration,
@@ -209,6 +230,12 @@ pub enum ConfigError {
     RequireHmacWithoutKey,
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("--slow-subscriber catch-up needs --data-dir (subscribers catch up from the log)")]
+    CatchUpWithoutDataDir,
+    #[error("--data-dir and --cluster-nats cannot be used together: in cluster mode JetStream keeps the stream")]
+    DataDirWithCluster,
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
     #[error("cannot read --auth-token-file {path}: {source}")]
     AuthTokenFile {
         path: PathBuf,
@@ -231,6 +258,11 @@ pub struct Settings {
     pub retain_packets: u64,
     pub memory_limit: usize,
     pub ingest_memory_limit: usize,
+    pub slow_subscriber: SlowSubscriberPolicy,
+    /// The durable stream, with `--data-dir`: opened (locked and recovered)
+    /// here, so a directory in use is a configuration error.
+    pub log: Option<crate::log::Opened>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Settings {
@@ -253,12 +285,41 @@ impl Settings {
             })?),
             None => None,
         };
+        let slow_subscriber = match (args.slow_subscriber, &args.data_dir) {
+            (Some(SlowSubscriberPolicy::CatchUp), None) => {
+                return Err(ConfigError::CatchUpWithoutDataDir)
+            }
+            (Some(policy), _) => policy,
+            (None, Some(_)) => SlowSubscriberPolicy::CatchUp,
+            (None, None) => SlowSubscriberPolicy::Gap,
+        };
+        if args.data_dir.is_some() && args.cluster_nats.is_some() {
+            return Err(ConfigError::DataDirWithCluster);
+        }
+        let metrics = Metrics::new();
+        let log = match &args.data_dir {
+            None => None,
+            Some(dir) => Some(crate::log::Log::open(
+                LogOptions {
+                    dir: dir.clone(),
+                    segment_bytes: args.segment_bytes,
+                    retention_bytes: (args.retention_bytes > 0).then_some(args.retention_bytes),
+                    retention_age: (!args.retention_age.is_zero()).then_some(args.retention_age),
+                    fsync: args.fsync,
+                    fsync_interval: args.fsync_interval,
+                },
+                Arc::clone(&metrics),
+            )?),
+        };
         let open_files = crate::connections::raise_open_file_limit();
         let (max_ingest_connections, max_grpc_connections) = connection_caps(&args, open_files);
         Ok(Settings {
             retain_packets: args.retain_packets(),
             memory_limit: usize::try_from(args.memory_limit).unwrap_or(usize::MAX),
             ingest_memory_limit: usize::try_from(args.ingest_memory_limit).unwrap_or(usize::MAX),
+            slow_subscriber,
+            log,
+            metrics,
             args,
             hmac_key,
             tls,
@@ -353,7 +414,7 @@ mod tests {
         assert_eq!(args.metrics_addr.port(), 9090);
         assert_eq!(args.max_payload, 1 << 20);
         assert_eq!(args.memory_limit, 256 << 20);
-        assert_eq!(args.slow_subscriber, SlowSubscriberPolicy::Gap);
+        assert_eq!(args.slow_subscriber, None);
         assert_eq!(args.block_timeout, Duration::from_secs(5));
         assert_eq!(args.heartbeat, Duration::from_secs(15));
         assert_eq!(args.shutdown_grace, Duration::from_secs(10));

@@ -62,7 +62,9 @@ impl From<ServiceError> for Status {
         let code = match &error {
             ServiceError::Subscribe(SubscribeError::OutOfRange { .. }) => Code::OutOfRange,
             ServiceError::Subscribe(SubscribeError::ShuttingDown) => Code::Unavailable,
-            ServiceError::SubscriptionEnded(SubscriptionEnd::ShuttingDown) => Code::Unavailable,
+            ServiceError::SubscriptionEnded(
+                SubscriptionEnd::ShuttingDown | SubscriptionEnd::LogUnreadable(_),
+            ) => Code::Unavailable,
             ServiceError::SubscriptionEnded(
                 SubscriptionEnd::Lagged { .. }
                 | SubscriptionEnd::Stuck(_)

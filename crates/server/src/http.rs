@@ -1,5 +1,6 @@
 //! The plain-HTTP side port: `GET /metrics` (Prometheus text) and `GET /healthz`
-//! (200 while serving, 503 once shutdown has begun, for HTTP probes).
+//! (200 while serving; 503 once shutdown has begun, or while the log cannot
+//! be written, with the reason, for HTTP probes).
 
 use std::sync::Arc;
 
@@ -14,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Serves until `shutdown` fires; `/healthz` fails from when `draining` fires.
+/// Serves until `shutdown` fires; `/healthz` fails from when `draining`
+/// fires, and while `storage_failing` holds a reason.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     draining: CancellationToken,
+    storage_failing: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -42,10 +45,17 @@ pub async fn serve(
             "/healthz",
             get(move || {
                 let draining = draining.clone();
+                let failing = storage_failing.borrow().clone();
                 async move {
-                    match draining.is_cancelled() {
-                        false => (StatusCode::OK, "ok\n"),
-                        true => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+                    match (draining.is_cancelled(), failing) {
+                        (true, _) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down\n".to_owned(),
+                        ),
+                        (false, Some(reason)) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
+                        }
+                        (false, None) => (StatusCode::OK, "ok\n".to_owned()),
                     }
                 }
             }),

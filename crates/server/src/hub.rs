@@ -35,9 +35,13 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    log::Log,
     metrics::Metrics,
     wire::{ChannelFilter, EncodedPackets, SequenceHint, SequencedBatch},
 };
+
+/// How often a publisher held back by the log writer looks again.
+const WRITER_RECHECK: Duration = Duration::from_secs(1);
 
 /// What happens to a subscriber that falls further behind than the hub retains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +52,9 @@ pub enum SlowSubscriberPolicy {
     Disconnect,
     /// Lossless: publishers wait until the slowest subscriber catches up.
     Block,
+    /// With `--data-dir` (its default): a subscriber that falls off the ring
+    /// reads on from the log and rejoins live; nobody waits for it.
+    CatchUp,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +87,8 @@ pub enum SubscriptionEnd {
     Stuck(Duration),
     #[error("subscriber stopped reading while the data it had not read passed half of --memory-limit; resubscribe from the last sequence seen")]
     HoldingMemory,
+    #[error("the log cannot be read ({0}); resubscribe from the last sequence seen")]
+    LogUnreadable(std::io::ErrorKind),
     #[error("the server is shutting down")]
     ShuttingDown,
 }
@@ -90,6 +99,7 @@ impl SubscriptionEnd {
             SubscriptionEnd::Lagged { .. } => "lagged",
             SubscriptionEnd::Stuck(_) => "block_timeout",
             SubscriptionEnd::HoldingMemory => "memory",
+            SubscriptionEnd::LogUnreadable(_) => "log_unreadable",
             SubscriptionEnd::ShuttingDown => "shutdown",
         }
     }
@@ -149,7 +159,13 @@ struct Watch {
 
 struct Ring {
     batches: VecDeque<Stored>,
+    /// One past the newest sequence assigned.
     next_sequence: u64,
+    /// One past the newest sequence subscribers may read: `next_sequence` in
+    /// memory mode, what the log writer has written with `--data-dir`.
+    visible_end: u64,
+    /// The log writer's position: the ring never drops what it has not written.
+    writer: Option<Arc<Slot>>,
     retained_packets: u64,
     retained_bytes: usize,
     /// Evicted batches that some delivery still holds, charged until released.
@@ -165,6 +181,13 @@ impl Ring {
         self.batches
             .front()
             .map_or(self.next_sequence, |stored| stored.batch.first_sequence)
+    }
+
+    /// The log writer's cursor, if there is a log.
+    fn writer_cursor(&self) -> Option<u64> {
+        self.writer
+            .as_ref()
+            .map(|writer| writer.cursor.load(Ordering::Acquire))
     }
 
     /// Cursor of the slowest subscriber that still counts in block mode.
@@ -239,8 +262,15 @@ pub struct HubStats {
 /// Shared by ingest connections, Publish streams and Subscribe streams.
 pub struct Hub {
     ring: Mutex<Ring>,
-    /// The next sequence to be assigned; its changes wake subscribers.
+    /// The end of what subscribers may read (`Ring::visible_end`); its changes
+    /// wake subscribers.
     head: watch::Sender<u64>,
+    /// The next sequence to be assigned; wakes the log writer.
+    assigned: watch::Sender<u64>,
+    /// One past the newest sequence made durable (acknowledgements wait on
+    /// it): published in memory mode, fsynced per policy with a log.
+    durable: watch::Sender<u64>,
+    log: Option<Arc<Log>>,
     /// Woken whenever a subscriber advances or leaves (block mode waits on it).
     progress: Notify,
     config: HubConfig,
@@ -256,10 +286,41 @@ impl Hub {
     /// A hub whose first packet gets `next_sequence` (cluster mode continues
     /// the JetStream stream's numbering).
     pub fn starting_at(config: HubConfig, metrics: Arc<Metrics>, next_sequence: u64) -> Arc<Self> {
+        Self::build(config, metrics, next_sequence, None)
+    }
+
+    /// A hub whose batches are written to `log` before subscribers see them;
+    /// numbering continues from the log's end. Run `persist::write_log` with
+    /// the log's writer.
+    pub fn with_log(
+        config: HubConfig,
+        metrics: Arc<Metrics>,
+        log: Arc<Log>,
+        next_sequence: u64,
+    ) -> Arc<Self> {
+        Self::build(config, metrics, next_sequence, Some(log))
+    }
+
+    fn build(
+        config: HubConfig,
+        metrics: Arc<Metrics>,
+        next_sequence: u64,
+        log: Option<Arc<Log>>,
+    ) -> Arc<Self> {
+        let writer = log.as_ref().map(|_| {
+            Arc::new(Slot {
+                cursor: AtomicU64::new(next_sequence),
+                ended: Mutex::new(None),
+                kicked: AtomicBool::new(false),
+                close_connection: None,
+            })
+        });
         Arc::new(Hub {
             ring: Mutex::new(Ring {
                 batches: VecDeque::new(),
                 next_sequence,
+                visible_end: next_sequence,
+                writer,
                 retained_packets: 0,
                 retained_bytes: 0,
                 pinned: Vec::new(),
@@ -269,6 +330,9 @@ impl Hub {
                 watched: HashMap::new(),
             }),
             head: watch::Sender::new(next_sequence),
+            assigned: watch::Sender::new(next_sequence),
+            durable: watch::Sender::new(next_sequence),
+            log,
             progress: Notify::new(),
             config,
             metrics,
@@ -299,7 +363,16 @@ impl Hub {
 
     /// The next sequence to be assigned (one past the newest packet).
     pub fn next_sequence(&self) -> u64 {
-        *self.head.borrow()
+        *self.assigned.borrow()
+    }
+
+    /// One past the newest sequence made durable; changes as it advances.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    pub fn log(&self) -> Option<&Arc<Log>> {
+        self.log.as_ref()
     }
 
     pub fn stats(&self) -> HubStats {
@@ -349,40 +422,64 @@ impl Hub {
             progressed.as_mut().enable();
             {
                 let mut ring = self.lock();
-                let slowest = match self.config.policy {
+                let block_slowest = match self.config.policy {
                     SlowSubscriberPolicy::Block if !ring.closed => ring.slowest_live_cursor(),
                     _ => None,
                 };
-                if slowest.is_none_or(|cursor| self.has_room(&ring, cursor, count, bytes)) {
+                let writer = ring.writer_cursor();
+                // The ring keeps what the slowest (block mode) has not read
+                // and what the log writer has not written.
+                let protect = match (block_slowest, writer) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if protect.is_none_or(|cursor| self.has_room(&ring, cursor, count, bytes)) {
                     let Some(packets) = packets.take() else {
                         unreachable!("packets are taken exactly once, on the way out")
                     };
-                    let range = self.append(&mut ring, first_sequence, packets, bytes, slowest);
+                    let range = self.append(&mut ring, first_sequence, packets, bytes, protect);
+                    let visible = ring.writer.is_none();
                     drop(ring);
-                    // Publishers race to here; the head only ever moves forward.
-                    self.head.send_if_modified(|head| {
-                        let advanced = *head < range.end;
-                        *head = (*head).max(range.end);
-                        advanced
-                    });
+                    // Publishers race to here; the watches only ever move forward.
+                    let advance = |watch: &watch::Sender<u64>| {
+                        watch.send_if_modified(|end| {
+                            let advanced = *end < range.end;
+                            *end = (*end).max(range.end);
+                            advanced
+                        });
+                    };
+                    advance(&self.assigned);
+                    if visible {
+                        advance(&self.head);
+                        advance(&self.durable);
+                    }
                     return range;
                 }
-                let slowest = slowest.unwrap_or_default();
-                match blocked {
-                    Some((_, stuck_at)) if slowest > stuck_at => {
-                        blocked = Some((Instant::now(), slowest));
+                // Held back by the log writer (a slow or failing disk): wait
+                // for it below, nobody is cut for it.
+                let slowest =
+                    block_slowest.filter(|slowest| writer.is_none_or(|writer| *slowest < writer));
+                if let Some(slowest) = slowest {
+                    match blocked {
+                        Some((_, stuck_at)) if slowest > stuck_at => {
+                            blocked = Some((Instant::now(), slowest));
+                        }
+                        Some((since, stuck_at)) if since.elapsed() >= self.config.block_timeout => {
+                            self.kick_stuck(&ring, stuck_at);
+                            blocked = None;
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => blocked = Some((Instant::now(), slowest)),
                     }
-                    Some((since, stuck_at)) if since.elapsed() >= self.config.block_timeout => {
-                        self.kick_stuck(&ring, stuck_at);
-                        blocked = None;
-                        continue;
-                    }
-                    Some(_) => {}
-                    None => blocked = Some((Instant::now(), slowest)),
+                } else {
+                    blocked = None;
                 }
             }
-            let since = blocked.map_or_else(Instant::now, |(since, _)| since);
-            let remaining = self.config.block_timeout.saturating_sub(since.elapsed());
+            let remaining = match blocked {
+                Some((since, _)) => self.config.block_timeout.saturating_sub(since.elapsed()),
+                None => WRITER_RECHECK,
+            };
             let _ = tokio::time::timeout(remaining, progressed).await;
         }
     }
@@ -423,6 +520,9 @@ impl Hub {
             first_sequence.map_or(ring.next_sequence, |first| first.max(ring.next_sequence));
         let batch = Arc::new(packets.stamp(first));
         ring.next_sequence = batch.end_sequence();
+        if ring.writer.is_none() {
+            ring.visible_end = ring.next_sequence;
+        }
         self.sequence_hint.set(ring.next_sequence);
         ring.retained_packets += batch.len() as u64;
         ring.retained_bytes += bytes;
@@ -488,6 +588,57 @@ impl Hub {
         }
     }
 
+    /// The log writer's view: batches numbered but not yet written, from
+    /// `from`, about `max_bytes` of them.
+    pub fn unwritten(&self, from: u64, max_bytes: usize) -> Vec<Arc<SequencedBatch>> {
+        let ring = self.lock();
+        let start = ring
+            .batches
+            .partition_point(|stored| stored.batch.end_sequence() <= from);
+        let mut bytes = 0;
+        let mut batches = Vec::new();
+        for stored in ring.batches.range(start..) {
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes += stored.bytes;
+            batches.push(Arc::clone(&stored.batch));
+        }
+        batches
+    }
+
+    /// Waits until something at or after `from` is numbered (for the writer).
+    pub async fn wait_assigned(&self, from: u64) {
+        let mut assigned = self.assigned.subscribe();
+        let _ = assigned.wait_for(|next| *next > from).await;
+    }
+
+    /// The log writer has written everything below `end`: subscribers may
+    /// read it, and the ring may drop it.
+    pub fn mark_written(&self, end: u64) {
+        let mut ring = self.lock();
+        if let Some(writer) = &ring.writer {
+            writer.cursor.store(end, Ordering::Release);
+        }
+        ring.visible_end = ring.visible_end.max(end);
+        drop(ring);
+        self.head.send_if_modified(|head| {
+            let advanced = *head < end;
+            *head = (*head).max(end);
+            advanced
+        });
+        self.progress.notify_waiters();
+    }
+
+    /// Everything below `end` is durable (per `--fsync`).
+    pub fn mark_durable(&self, end: u64) {
+        self.durable.send_if_modified(|durable| {
+            let advanced = *durable < end;
+            *durable = (*durable).max(end);
+            advanced
+        });
+    }
+
     /// Starts a subscription: live from now, or replay from `from_sequence` then live.
     pub fn subscribe(
         self: &Arc<Self>,
@@ -525,13 +676,20 @@ impl Hub {
             }
             Some(requested) => {
                 let requested = requested.max(1);
-                match (requested < oldest, replay_elsewhere) {
-                    (true, false) => (oldest, oldest - requested),
-                    (true, true) => (oldest, 0),
-                    (false, _) => (requested, 0),
+                let on_disk = self.log.as_ref().map(|log| log.first_sequence());
+                match (requested < oldest, on_disk, replay_elsewhere) {
+                    (false, _, _) => (requested, 0),
+                    // Replayed from the log; only what retention deleted is missed.
+                    (true, Some(first), _) => {
+                        let cursor = requested.max(first).min(oldest);
+                        (cursor, cursor - requested)
+                    }
+                    (true, None, true) => (oldest, 0),
+                    (true, None, false) => (oldest, oldest - requested),
                 }
             }
         };
+        let replaying = cursor < oldest;
         // A filtered subscriber counts its channels' packets below its cursor,
         // so a later lag can be reported exactly (see `Subscription::take`):
         // evictions counted so far, plus the retained ones below the cursor,
@@ -569,6 +727,8 @@ impl Hub {
             hub: Arc::clone(self),
             slot,
             cursor,
+            replaying,
+            disk: VecDeque::new(),
             pending_missed: missed,
             matched_before_cursor,
             filter,
@@ -624,6 +784,7 @@ fn count_matching_below(
     count
 }
 
+pub mod persist;
 mod subscription;
 pub use subscription::Subscription;
 

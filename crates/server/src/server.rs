@@ -112,28 +112,59 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         retain_packets,
         memory_limit,
         ingest_memory_limit,
+        slow_subscriber,
+        log,
+        metrics,
     } = settings;
-    let metrics = Metrics::new();
     let cluster = match &args.cluster_nats {
         Some(url) => Some(Cluster::connect(url, &args.cluster_stream).await?),
         None => None,
     };
-    // In cluster mode sequences are the JetStream stream's: continue from its end.
-    let (first_sequence, identity) = match &cluster {
-        Some(cluster) => (cluster.next_sequence().await?, cluster.identity().await?),
-        None => (1, StreamIdentity::ephemeral()),
+    let hub_config = HubConfig {
+        retain_packets,
+        memory_limit,
+        policy: slow_subscriber,
+        block_timeout: args.block_timeout,
+        max_delivery_bytes: MAX_DELIVERY_BYTES,
     };
-    let hub = Hub::starting_at(
-        HubConfig {
-            retain_packets,
-            memory_limit,
-            policy: args.slow_subscriber,
-            block_timeout: args.block_timeout,
-            max_delivery_bytes: MAX_DELIVERY_BYTES,
-        },
-        Arc::clone(&metrics),
-        first_sequence,
-    );
+    // Numbering continues the durable stream's: the log's, or JetStream's.
+    let (hub, identity, log_writer) = match (log, &cluster) {
+        (Some(opened), _) => {
+            let identity = StreamIdentity {
+                id: Arc::from(opened.log.stream_id()),
+                durable: true,
+            };
+            let hub = Hub::with_log(
+                hub_config,
+                Arc::clone(&metrics),
+                Arc::clone(&opened.log),
+                opened.next_sequence,
+            );
+            (hub, identity, Some(opened.writer))
+        }
+        (None, Some(cluster)) => {
+            let next = cluster.next_sequence().await?;
+            let hub = Hub::starting_at(hub_config, Arc::clone(&metrics), next);
+            (hub, cluster.identity().await?, None)
+        }
+        (None, None) => (
+            Hub::starting_at(hub_config, Arc::clone(&metrics), 1),
+            StreamIdentity::ephemeral(),
+            None,
+        ),
+    };
+    let first_sequence = hub.next_sequence();
+    // Why log writes fail, while they do (health reports it).
+    let (log_failing, log_failing_rx) = tokio::sync::watch::channel(None::<String>);
+    let stop_log = CancellationToken::new();
+    let log_task = log_writer.map(|writer| {
+        tokio::spawn(crate::hub::persist::write_log(
+            Arc::clone(&hub),
+            writer,
+            log_failing,
+            stop_log.clone(),
+        ))
+    });
     let destination = match &cluster {
         Some(cluster) => Destination::Cluster(Arc::clone(cluster)),
         None => Destination::Hub(Arc::clone(&hub)),
@@ -245,7 +276,14 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         metrics_listener,
         Arc::clone(&metrics),
         phases.draining.clone(),
+        log_failing_rx.clone(),
         phases.closing.clone(),
+    ));
+    // gRPC health follows the log: not serving while it cannot be written.
+    tokio::spawn(report_storage(
+        health.clone(),
+        log_failing_rx,
+        phases.draining.clone(),
     ));
 
     if let Some(tokens) = tokens {
@@ -277,6 +315,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             cluster: cluster
                 .clone()
                 .map(|cluster| (cluster, stop_feed, feed_task)),
+            log: log_task.map(|task| (stop_log, task)),
         },
         args.shutdown_grace,
     ));
@@ -291,4 +330,25 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         shutdown,
         lifecycle,
     })
+}
+
+/// Keeps `packetingest.v1.Packets` health `NOT_SERVING` while log writes fail.
+async fn report_storage(
+    health: tonic_health::server::HealthReporter,
+    mut failing: tokio::sync::watch::Receiver<Option<String>>,
+    draining: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = failing.changed() => if changed.is_err() { return },
+            _ = draining.cancelled() => return,
+        }
+        let status = match failing.borrow_and_update().is_some() {
+            true => tonic_health::ServingStatus::NotServing,
+            false => tonic_health::ServingStatus::Serving,
+        };
+        if !draining.is_cancelled() {
+            health.set_service_status(PACKETS_SERVICE, status).await;
+        }
+    }
 }

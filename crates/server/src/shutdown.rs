@@ -9,7 +9,8 @@
 //! 2. Open ingest connections are read to EOF; at half the grace period
 //!    `stop_reading` fires and they stop reading. Whatever was read is still
 //!    verified and published.
-//! 3. Cluster mode: the replica's feed catches up with what it stored.
+//! 3. Cluster mode: the replica's feed catches up with what it stored;
+//!    `--data-dir`: the log writer writes and syncs what was numbered.
 //! 4. `closing`: the hub closes (subscribers drain what is there and end
 //!    `UNAVAILABLE`), gRPC connections get GOAWAY, the admin port stops.
 //! 5. At the grace deadline the root is cancelled: whatever is still open is
@@ -67,6 +68,9 @@ pub struct Stages {
     pub hub: Arc<Hub>,
     /// Cluster mode: the stream, and the feed into the hub with its stop signal.
     pub cluster: Option<(Arc<Cluster>, CancellationToken, Option<JoinHandle<()>>)>,
+    /// `--data-dir`: the log writer and its stop signal (it writes and syncs
+    /// what is numbered, then ends).
+    pub log: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 /// Waits for `draining`, then runs the phases within `grace`.
@@ -112,6 +116,14 @@ pub async fn run(phases: Phases, stages: Stages, grace: Duration) {
         stop_feed.cancel();
         if let Some(feed_task) = feed_task {
             let _ = feed_task.await;
+        }
+    }
+
+    if let Some((stop_log, writer)) = stages.log {
+        // Everything numbered is written and synced before subscribers end.
+        stop_log.cancel();
+        if tokio::time::timeout_at(deadline, writer).await.is_err() {
+            tracing::warn!("the log writer did not finish before the grace deadline");
         }
     }
 

@@ -342,6 +342,13 @@ impl PacketsService {
             }
         }
         let finished = producer.finish().await;
+        if let (Ok(totals), Some(_)) = (&finished, self.hub.log()) {
+            // Publish answers once what it accepted is durable (SPEC §9).
+            if let Some(last) = totals.last_sequence {
+                // The sender lives as long as the hub: this only ends when reached.
+                let _ = self.hub.durable().wait_for(|end| *end > last).await;
+            }
+        }
         match (refusal, finished) {
             (Some(status), _) => Err(status),
             (None, Err(error)) => Err(ServiceError::from(error).into()),
@@ -364,6 +371,19 @@ impl PacketsService {
     }
 
     pub fn stream_info_response(&self, stats: &HubStats) -> StreamInfoResponse {
+        if let Some(log) = self.hub.log() {
+            // Everything in memory is on disk too: the log is the range.
+            let first = log.first_sequence().min(stats.oldest_sequence);
+            return StreamInfoResponse {
+                stream_id: self.identity.id.to_string(),
+                first_sequence: first,
+                next_sequence: stats.next_sequence,
+                retained_packets: stats.next_sequence.saturating_sub(first),
+                retained_bytes: log.retained_bytes(),
+                oldest_received_unix_nanos: log.oldest_received_unix_nanos(),
+                durable: true,
+            };
+        }
         StreamInfoResponse {
             stream_id: self.identity.id.to_string(),
             first_sequence: stats.oldest_sequence,

@@ -6,6 +6,7 @@
 //! packets the filter takes), so nothing is copied per subscriber.
 
 use std::{
+    collections::VecDeque,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -20,6 +21,11 @@ pub struct Subscription {
     pub(super) hub: Arc<Hub>,
     pub(super) slot: Arc<Slot>,
     pub(super) cursor: u64,
+    /// Still replaying from before the ring (from the log): lag policies do
+    /// not apply until it reaches the ring.
+    pub(super) replaying: bool,
+    /// Batches read ahead from the log (large sequential reads).
+    pub(super) disk: VecDeque<Arc<SequencedBatch>>,
     pub(super) pending_missed: u64,
     /// Filtered subscribers: packets of their channels with sequence < cursor
     /// (counted from when the hub started watching those channels).
@@ -32,7 +38,12 @@ enum Take {
     Ready(Delivery),
     Empty,
     End(SubscriptionEnd),
+    /// Behind the ring: read from the log.
+    Disk,
 }
+
+/// Bytes one read from the log asks for (read-ahead).
+const DISK_READ: usize = 4 << 20;
 
 impl Subscription {
     /// The next batch for this subscriber, or `Idle` if none came within
@@ -45,6 +56,11 @@ impl Subscription {
             match self.take() {
                 Take::Ready(delivery) => return Next::Delivery(delivery),
                 Take::End(end) => return Next::End(end),
+                Take::Disk => match self.take_from_disk().await {
+                    Ok(Some(delivery)) => return Next::Delivery(delivery),
+                    Ok(None) => continue,
+                    Err(end) => return Next::End(end),
+                },
                 Take::Empty => {}
             }
             match tokio::time::timeout_at(deadline, self.head.changed()).await {
@@ -65,6 +81,26 @@ impl Subscription {
                     return Take::End(end);
                 }
                 let oldest = ring.oldest_sequence();
+                let catch_up =
+                    self.replaying || self.hub.config.policy == SlowSubscriberPolicy::CatchUp;
+                if self.cursor < oldest && catch_up && self.hub.log.is_some() {
+                    return Take::Disk;
+                }
+                if self.replaying && self.cursor >= oldest {
+                    // Back from the log: count this filter's packets afresh.
+                    self.replaying = false;
+                    self.disk.clear();
+                    if self.filter.channels().is_some() {
+                        let below: Vec<Arc<SequencedBatch>> = ring
+                            .batches
+                            .iter()
+                            .take_while(|stored| stored.batch.first_sequence < self.cursor)
+                            .map(|stored| Arc::clone(&stored.batch))
+                            .collect();
+                        self.matched_before_cursor = ring.evicted_matching(&self.filter)
+                            + super::count_matching_below(&below, &self.filter, self.cursor);
+                    }
+                }
                 if self.cursor < oldest {
                     let behind = ring.next_sequence - self.cursor;
                     if self.hub.config.policy == SlowSubscriberPolicy::Disconnect {
@@ -86,7 +122,7 @@ impl Subscription {
                     self.hub.metrics.packets_missed.inc_by(lost);
                     self.cursor = oldest;
                 }
-                if self.cursor >= ring.next_sequence {
+                if self.cursor >= ring.visible_end {
                     return match ring.closed {
                         true => Take::End(SubscriptionEnd::ShuttingDown),
                         false => Take::Empty,
@@ -101,7 +137,7 @@ impl Subscription {
                 let mut approx = 0;
                 let mut batches = Vec::new();
                 for stored in ring.batches.range(start..) {
-                    if approx >= max_bytes {
+                    if approx >= max_bytes || stored.batch.first_sequence >= ring.visible_end {
                         break;
                     }
                     approx += stored.bytes;
@@ -118,6 +154,49 @@ impl Subscription {
                 return Take::Ready(delivery);
             }
         }
+    }
+
+    /// The next delivery from the log (reading ahead when its buffer is
+    /// empty). `None` when the batches read held nothing for this filter.
+    async fn take_from_disk(&mut self) -> Result<Option<Delivery>, SubscriptionEnd> {
+        while self
+            .disk
+            .front()
+            .is_some_and(|batch| batch.end_sequence() <= self.cursor)
+        {
+            self.disk.pop_front();
+        }
+        if self.disk.is_empty() {
+            let Some(log) = self.hub.log.clone() else {
+                return Ok(None);
+            };
+            let from = self.cursor;
+            let read = tokio::task::spawn_blocking(move || log.read(from, DISK_READ))
+                .await
+                .map_err(|_| SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other))?
+                .map_err(|error| {
+                    tracing::error!(%error, from, "cannot read the log for a subscriber");
+                    SubscriptionEnd::LogUnreadable(error.kind())
+                })?;
+            if read.skipped > 0 {
+                self.pending_missed += read.skipped;
+                self.hub.metrics.packets_missed.inc_by(read.skipped);
+            }
+            if read.batches.is_empty() {
+                // Skipped ahead, or the log holds nothing more: the ring has it.
+                self.cursor = self.cursor.max(read.resume_at);
+                if read.resume_at == from {
+                    self.replaying = false;
+                }
+                self.slot.cursor.store(self.cursor, Ordering::Release);
+                return Ok(None);
+            }
+            self.disk.extend(read.batches.into_iter().map(Arc::new));
+        }
+        let batches: Vec<Arc<SequencedBatch>> = self.disk.iter().cloned().collect();
+        let delivery = self.collect(batches, self.hub.config.max_delivery_bytes);
+        self.slot.cursor.store(self.cursor, Ordering::Release);
+        Ok(delivery)
     }
 
     /// Walks `batches` from the cursor, up to `max_bytes` of matching packets.

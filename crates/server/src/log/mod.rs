@@ -293,6 +293,22 @@ impl Log {
             .map_or(1, |segment| segment.end_sequence)
     }
 
+    /// When the oldest packet on disk was received (0 if none).
+    pub fn oldest_received_unix_nanos(&self) -> i64 {
+        let Some(first) = self.segments().first().copied() else {
+            return 0;
+        };
+        let path = segment::log_path(&self.options.dir, first.first_sequence);
+        let mut header = [0u8; segment::HEADER_LEN];
+        match File::open(path).and_then(|file| file.read_exact_at(&mut header, 0)) {
+            Ok(()) => i64::from_be_bytes([
+                header[24], header[25], header[26], header[27], header[28], header[29], header[30],
+                header[31],
+            ]),
+            Err(_) => 0,
+        }
+    }
+
     pub fn retained_bytes(&self) -> u64 {
         self.segments().iter().map(|segment| segment.len).sum()
     }

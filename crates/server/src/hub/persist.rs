@@ -1,0 +1,117 @@
+//! The hub's log writer (with `--data-dir`): takes what the hub numbered, in
+//! order, writes it to the log, and only then lets subscribers see it
+//! (`Hub::mark_written`); makes it durable per `--fsync` and tells whoever
+//! waits for acknowledgements (`Hub::mark_durable`).
+//!
+//! Writes are grouped: whatever has been numbered since the last write goes
+//! in one write (and, with `--fsync always`, one fsync): group commit. The
+//! file I/O runs on the blocking pool. A failed write (disk full, I/O error)
+//! is rolled back and retried with back-off; meanwhile the ring fills with
+//! unwritten batches and publishers wait, so ingest pauses (TCP backpressure)
+//! and nothing acknowledged is lost. `failing` says why, for health.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::Hub;
+use crate::log::{FsyncPolicy, LogWriter};
+
+/// Numbered bytes one write takes at most.
+const WRITE_BYTES: usize = 8 << 20;
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Retention is applied this often (and after start).
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until `stop` fires and everything numbered by then is written and
+/// synced. `failing` holds the reason writes fail, `None` while they succeed.
+pub async fn write_log(
+    hub: Arc<Hub>,
+    writer: LogWriter,
+    failing: watch::Sender<Option<String>>,
+    stop: CancellationToken,
+) {
+    let options = writer.log().options().clone();
+    let mut writer = Some(writer);
+    let mut written = hub.next_sequence();
+    let mut synced = written;
+    let mut last_sync = Instant::now();
+    let mut last_retention = Instant::now() - RETENTION_EVERY;
+    let mut retry = RETRY_FIRST;
+    loop {
+        let batches = hub.unwritten(written, WRITE_BYTES);
+        let sync_due = synced < written
+            && (options.fsync == FsyncPolicy::Always
+                || last_sync.elapsed() >= options.fsync_interval
+                || (stop.is_cancelled() && batches.is_empty()));
+        let retention_due = last_retention.elapsed() >= RETENTION_EVERY;
+        if batches.is_empty() && !sync_due && !retention_due {
+            if stop.is_cancelled() {
+                return;
+            }
+            let next_sync = last_sync + options.fsync_interval;
+            tokio::select! {
+                _ = hub.wait_assigned(written) => {}
+                _ = tokio::time::sleep_until(next_sync), if synced < written => {}
+                _ = tokio::time::sleep_until(last_retention + RETENTION_EVERY) => {}
+                _ = stop.cancelled() => {}
+            }
+            continue;
+        }
+        let Some(mut owned) = writer.take() else {
+            return;
+        };
+        let policy = options.fsync;
+        let end = batches.last().map_or(written, |batch| batch.end_sequence());
+        let (owned, outcome) = tokio::task::spawn_blocking(move || {
+            let rollback_to = owned.position();
+            let mut outcome = owned.write(&batches).map(|()| false);
+            if outcome.is_ok() && (sync_due || policy == FsyncPolicy::Always) {
+                outcome = owned.sync().map(|()| true);
+            }
+            if outcome.is_err() {
+                if let Err(error) = owned.rollback(rollback_to.0, rollback_to.1) {
+                    tracing::error!(%error, "cannot roll back a failed log write");
+                }
+            }
+            if retention_due {
+                owned.apply_retention();
+            }
+            (owned, outcome)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the log writer task panicked"));
+        writer = Some(owned);
+        if retention_due {
+            last_retention = Instant::now();
+        }
+        match outcome {
+            Ok(did_sync) => {
+                retry = RETRY_FIRST;
+                failing.send_if_modified(|reason| reason.take().is_some());
+                written = end;
+                hub.mark_written(written);
+                if did_sync || policy == FsyncPolicy::Never {
+                    if did_sync {
+                        last_sync = Instant::now();
+                    }
+                    synced = written;
+                    hub.mark_durable(synced);
+                }
+            }
+            Err(error) => {
+                hub.metrics.log_write_errors.inc();
+                tracing::error!(%error, retry = ?retry, "log write failed; ingest pauses until it succeeds");
+                failing.send_replace(Some(format!("log writes fail: {error}")));
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    // Shutting down while the disk fails: nothing more can be saved.
+                    _ = stop.cancelled(), if retry >= RETRY_MAX => return,
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
