@@ -8,8 +8,8 @@ use bytes::Bytes;
 use clap::Args;
 
 use crate::{
-    digest::hmac_digest,
-    frame::{sha256_frame, signed_header, Channel, Digest, Frame, FLAG_HMAC},
+    digest::{hmac_digest, sha256_digest},
+    frame::{signed_header, Channel, Digest, Frame, FLAG_HMAC},
     pb::Packet,
 };
 
@@ -95,17 +95,27 @@ impl tonic::service::Interceptor for BearerToken {
 
 /// Builds the frame for `payload`, HMAC-signed when a key is given.
 pub fn make_frame(channel: Channel, payload: Bytes, hmac_key: Option<&[u8]>) -> Frame {
-    match hmac_key {
-        None => sha256_frame(channel, payload),
-        Some(key) => {
-            let header = signed_header(channel, FLAG_HMAC, payload.len() as u32);
-            let digest = hmac_digest(key, &header, &payload);
-            Frame {
-                signed_header: header,
-                digest: Digest(digest),
-                payload,
-            }
-        }
+    make_frame_with(channel, payload, hmac_key, 0)
+}
+
+/// `make_frame` with further flag bits (e.g. `frame::FLAG_ACK`), which the
+/// digest covers like the rest of the header.
+pub fn make_frame_with(
+    channel: Channel,
+    payload: Bytes,
+    hmac_key: Option<&[u8]>,
+    flags: u8,
+) -> Frame {
+    let flags = flags | if hmac_key.is_some() { FLAG_HMAC } else { 0 };
+    let header = signed_header(channel, flags, payload.len() as u32);
+    let digest = match hmac_key {
+        Some(key) => hmac_digest(key, &header, &payload),
+        None => sha256_digest(&header, &payload),
+    };
+    Frame {
+        signed_header: header,
+        digest: Digest(digest),
+        payload,
     }
 }
 

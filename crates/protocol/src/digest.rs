@@ -99,6 +99,14 @@ fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     difference.ct_eq(&0).into()
 }
 
+/// The plain SHA-256 digest of a frame's signed header and payload.
+pub fn sha256_digest(signed_header: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(signed_header);
+    hasher.update(payload);
+    hasher.finalize().into()
+}
+
 /// The digest a producer sends for `frame`'s header and payload with `key`.
 pub fn hmac_digest(key: &[u8], signed_header: &[u8], payload: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");

@@ -17,6 +17,10 @@ pub const MAGIC: [u8; 2] = *b"PK";
 pub const VERSION: u8 = 1;
 /// Flags bit 0: the digest is HMAC-SHA256 with the server's key.
 pub const FLAG_HMAC: u8 = 0b0000_0001;
+/// Flags bit 1: acknowledge this connection (SPEC §9; see [`crate::ack`]).
+pub const FLAG_ACK: u8 = 0b0000_0010;
+/// Every flag bit this version defines; the others must be 0.
+pub const KNOWN_FLAGS: u8 = FLAG_HMAC | FLAG_ACK;
 /// Default and usual upper bound for `--max-payload`.
 pub const DEFAULT_MAX_PAYLOAD: u32 = 1 << 20;
 
@@ -53,6 +57,11 @@ impl Frame {
 
     pub fn is_hmac(&self) -> bool {
         self.flags() & FLAG_HMAC != 0
+    }
+
+    /// The producer asks for acknowledgements on this connection.
+    pub fn wants_ack(&self) -> bool {
+        self.flags() & FLAG_ACK != 0
     }
 
     pub fn channel(&self) -> Channel {
@@ -149,7 +158,7 @@ impl FrameLimits {
         }
         if prefix.len() >= 4 {
             let flags = prefix[3];
-            if flags & !FLAG_HMAC != 0 {
+            if flags & !KNOWN_FLAGS != 0 {
                 return Err(FrameError::BadFlags(flags));
             }
             if flags & FLAG_HMAC != 0 && !self.hmac_key_configured {
@@ -333,11 +342,11 @@ mod tests {
             FrameDecoder::new(LIMITS).decode(&mut buf).unwrap_err(),
             FrameError::BadVersion(2)
         );
-        let header = signed_header(Channel(1), 0b10, 0);
+        let header = signed_header(Channel(1), 0b100, 0);
         let mut buf = BytesMut::from(&header[..4]);
         assert_eq!(
             FrameDecoder::new(LIMITS).decode(&mut buf).unwrap_err(),
-            FrameError::BadFlags(0b10)
+            FrameError::BadFlags(0b100)
         );
     }
 

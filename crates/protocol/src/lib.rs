@@ -7,6 +7,7 @@
 //! - [`frame`]: the TCP wire format (SPEC §2): the 44-byte header, the
 //!   incremental decoder the server frames with, the encoder producers use.
 //! - [`digest`]: SHA-256 / HMAC-SHA256 over a frame, and the `Verifier`.
+//! - [`ack`]: the acknowledgement records the TCP port sends back (SPEC §9).
 //! - [`keyfile`]: how key files are read (one trailing line ending removed).
 //! - [`pb`]: the generated protobuf messages and tonic client of
 //!   `packetingest.v1` (`proto/packet_ingest.proto`).
@@ -14,6 +15,7 @@
 //!   Publish requests, printing packets.
 //! - [`units`]: durations and sizes as command lines write them.
 
+pub mod ack;
 pub mod client;
 pub mod digest;
 pub mod frame;

@@ -31,6 +31,17 @@ pub struct ProducerContext {
     pub max_in_flight: usize,
 }
 
+impl ProducerContext {
+    /// The durable end of the stream, for acknowledgements (`None` in
+    /// cluster mode, where the outlet waits for JetStream itself).
+    pub fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match &self.destination {
+            Destination::Hub(hub) => Some(hub.durable()),
+            Destination::Cluster(_) => None,
+        }
+    }
+}
+
 /// Counts for one producer, as Publish reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProducerTotals {
@@ -38,6 +49,21 @@ pub struct ProducerTotals {
     pub rejected: u64,
     /// Sequence of the last accepted packet, once published.
     pub last_sequence: Option<u64>,
+}
+
+/// What publishing one verified batch did: what an acknowledgement needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Frames of the batch, accepted or rejected.
+    pub frames: u64,
+    pub rejected: u64,
+    /// The last sequence this producer was given so far.
+    pub last_sequence: Option<u64>,
+    /// The batch's packets are durable once the hub's durable end reaches
+    /// this (`None`: nothing accepted, or the outlet stores before returning).
+    pub durable_at: Option<u64>,
+    /// The outlet had failed: the batch's packets were not stored.
+    pub dropped: bool,
 }
 
 /// One source's verify-then-publish stage.
@@ -94,8 +120,15 @@ impl Producer {
     /// Publishes a verified batch's accepted packets; may wait (that is the
     /// backpressure). An error means the outlet cannot store packets: later
     /// batches are dropped.
-    pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<(), OutletError> {
+    pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<Published, OutletError> {
         record(&self.metrics, &verified);
+        let mut published = Published {
+            frames: verified.frames,
+            rejected: verified.rejected_packets(),
+            last_sequence: self.totals.last_sequence,
+            durable_at: None,
+            dropped: false,
+        };
         self.totals.rejected += verified.rejected_packets();
         if verified.rejected_packets() > 0 {
             tracing::debug!(
@@ -104,7 +137,8 @@ impl Producer {
             );
         }
         if self.failed {
-            return Ok(());
+            published.dropped = true;
+            return Ok(published);
         }
         let accepted = verified.accepted.len() as u64;
         // Returned once the packets are the hub's (or JetStream's) to account for.
@@ -119,7 +153,9 @@ impl Producer {
                 if last.is_some() {
                     self.totals.last_sequence = last;
                 }
-                Ok(())
+                published.last_sequence = self.totals.last_sequence;
+                published.durable_at = last.filter(|_| accepted > 0).map(|last| last + 1);
+                Ok(published)
             }
             Err(error) => {
                 self.failed = true;

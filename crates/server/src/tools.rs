@@ -12,11 +12,12 @@ use clap::{Args, ValueEnum};
 use tokio::io::AsyncWriteExt;
 
 use packet_ingest_protocol::{
+    ack::{Ack, ACK_LEN},
     client::{
-        grpc_channel, make_frame, packet_json, tls_connector, BearerToken, TlsClientArgs,
+        grpc_channel, make_frame_with, packet_json, tls_connector, BearerToken, TlsClientArgs,
         ToolError, STREAM_ID_HEADER,
     },
-    frame::Channel,
+    frame::{Channel, FLAG_ACK},
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
 };
 
@@ -42,9 +43,17 @@ pub struct SendArgs {
     /// Packet size for --split size.
     #[arg(long, default_value_t = 1024)]
     pub chunk_size: usize,
-    /// Sign packets with HMAC-SHA256 using this key file (one trailing newline removed).
+    /// Sign packets with HMAC-SHA256 using this key file (one trailing line ending removed).
     #[arg(long)]
     pub hmac_key_file: Option<PathBuf>,
+    /// Ask for acknowledgements and wait for them: exit 0 only if every
+    /// packet was accepted and made durable, 1 if any was rejected or is
+    /// still unacknowledged after --ack-timeout.
+    #[arg(long)]
+    pub ack: bool,
+    /// How long --ack waits for the last acknowledgement.
+    #[arg(long, default_value = "30s", value_parser = packet_ingest_protocol::units::parse_duration)]
+    pub ack_timeout: std::time::Duration,
     #[command(flatten)]
     pub tls: TlsClientArgs,
     /// Input file; stdin when absent.
@@ -136,13 +145,15 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
         None => None,
     };
     let payloads = split_input(&input, args.split, args.chunk_size);
+    let flags = if args.ack { FLAG_ACK } else { 0 };
     let mut wire = BytesMut::new();
     for payload in &payloads {
-        make_frame(Channel(args.channel), payload.clone(), key.as_deref()).encode(&mut wire);
+        make_frame_with(Channel(args.channel), payload.clone(), key.as_deref(), flags)
+            .encode(&mut wire);
     }
     let stream = tokio::net::TcpStream::connect(args.addr).await?;
-    match &args.tls.ca_cert {
-        None => write_and_close(stream, &wire).await?,
+    let acked = match &args.tls.ca_cert {
+        None => exchange(stream, &wire, payloads.len() as u64, &args).await?,
         Some(_) => {
             let server_name = args
                 .tls
@@ -152,25 +163,64 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
             let stream = tls_connector(&args.tls)?
                 .connect(rustls_pki_types::ServerName::try_from(server_name)?, stream)
                 .await?;
-            write_and_close(stream, &wire).await?;
+            exchange(stream, &wire, payloads.len() as u64, &args).await?
         }
-    }
+    };
     eprintln!(
         "sent {} packets ({} bytes) to {}",
         payloads.len(),
         wire.len(),
         args.addr
     );
+    let Some(ack) = acked else {
+        return Ok(());
+    };
+    let sent = payloads.len() as u64;
+    eprintln!(
+        "acknowledged {} of {sent} packets: last sequence {}, {} rejected",
+        ack.settled, ack.last_sequence, ack.rejected
+    );
+    if ack.settled < sent {
+        return Err(format!("{} packets were not acknowledged", sent - ack.settled).into());
+    }
+    if ack.rejected > 0 {
+        return Err(format!("{} packets were rejected", ack.rejected).into());
+    }
     Ok(())
 }
 
-async fn write_and_close<S: tokio::io::AsyncWrite + Unpin>(
+/// Writes the frames and closes the write side; with `--ack`, then reads
+/// acknowledgements until all are settled, the server closes, or the timeout.
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut stream: S,
     bytes: &[u8],
-) -> std::io::Result<()> {
+    frames: u64,
+    args: &SendArgs,
+) -> Result<Option<Ack>, ToolError> {
+    use tokio::io::AsyncReadExt;
     stream.write_all(bytes).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    if !args.ack {
+        return Ok(None);
+    }
+    let mut last = Ack::default();
+    let read = async {
+        let mut record = [0u8; ACK_LEN];
+        while last.settled < frames {
+            if stream.read_exact(&mut record).await.is_err() {
+                break; // the server closed the connection
+            }
+            last = Ack::decode(&record).ok_or("the server sent something that is not an acknowledgement")?;
+        }
+        Ok::<(), ToolError>(())
+    };
+    match tokio::time::timeout(args.ack_timeout, read).await {
+        Ok(outcome) => outcome?,
+        Err(_) => eprintln!("no further acknowledgement within {:?}", args.ack_timeout),
+    }
+    Ok(Some(last))
 }
+
 
 pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     let channel = grpc_channel(&args.addr, &args.tls).await?;
