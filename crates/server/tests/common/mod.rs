@@ -159,10 +159,13 @@ pub fn metric_in(text: &str, name: &str) -> f64 {
 }
 
 pub async fn scrape(server: &RunningServer) -> String {
+    scrape_at(server.metrics_addr).await
+}
+
+/// The /metrics text of the server whose metrics port is `addr`.
+pub async fn scrape_at(addr: std::net::SocketAddr) -> String {
     use tokio::io::AsyncReadExt;
-    let mut stream = TcpStream::connect(server.metrics_addr)
-        .await
-        .expect("metrics connect");
+    let mut stream = TcpStream::connect(addr).await.expect("metrics connect");
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .await
