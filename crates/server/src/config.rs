@@ -19,8 +19,9 @@ use crate::{
     tls::{self, TlsError, TlsPaths, TlsSetup},
 };
 
-/// File descriptors kept free of the connection caps (listeners, files, NATS).
-const RESERVED_FDS: u64 = 64;
+/// File descriptors kept free of the connection caps: the admin port's
+/// connections, listeners, log files, NATS.
+const RESERVED_FDS: u64 = 64 + crate::http::ADMIN_CONNECTIONS as u64;
 
 /// Exit status for bad configuration (sysexits.h EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;

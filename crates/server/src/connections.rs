@@ -1,14 +1,15 @@
 //! What a TCP listener lets clients hold: connection slots, accept back-off
 //! and the process's open-file limit.
 //!
-//! Each listener (ingest and gRPC) admits at most its cap of connections. A
-//! slot is taken *before* `accept`, so a full house is backpressure in the
-//! kernel's accept queue (as in mini-redis) — except that when every slot is
-//! taken, the connection that has been idle longest (nothing received, nothing
-//! in progress, for at least `EVICTABLE_AFTER`) is closed to make room. A
-//! thousand squatters therefore cannot keep out a producer or a health probe:
-//! they lose their slots to it, while clients that are doing something keep
-//! theirs. Accept errors (EMFILE, ENFILE, ENOMEM) back off exponentially
+//! Each listener (ingest, gRPC, admin HTTP) admits at most its cap of
+//! connections. A newcomer is accepted, then waits for a slot while the ones
+//! after it wait in the kernel's accept queue, so a full house is
+//! backpressure (as in mini-redis) — except that a waiting newcomer makes the
+//! connection that has been idle longest (nothing received, nothing in
+//! progress, for at least `EVICTABLE_AFTER`) give way. A thousand squatters
+//! therefore cannot keep out a producer or a health probe: they lose their
+//! slots to it, while clients that are doing something keep theirs, and
+//! nobody is evicted while nobody is waiting. Accept errors (EMFILE, ENFILE, ENOMEM) back off exponentially
 //! instead of spinning, and the soft open-file limit is raised to the hard
 //! one at start.
 

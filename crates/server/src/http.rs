@@ -1,6 +1,9 @@
 //! The plain-HTTP side port: `GET /metrics` (Prometheus text) and `GET /healthz`
 //! (200 while serving; 503 once shutdown has begun, or while the log cannot
-//! be written, with the reason, for HTTP probes).
+//! be written, with the reason, for HTTP probes). Like the other ports it
+//! holds at most a few connections (`ADMIN_CONNECTIONS`, idle ones give way)
+//! and gives each request's headers a deadline, so idle sockets on it cannot
+//! use up the process's file descriptors.
 
 use std::sync::Arc;
 
@@ -10,10 +13,23 @@ use axum::{
     routing::get,
     Router,
 };
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 
-use crate::metrics::Metrics;
+use crate::{
+    connections::{Acceptor, ConnectionSlots},
+    metrics::Metrics,
+};
+
+/// Connections the admin port serves at once (scrapers, probes, people):
+/// when all are open, the one idle longest gives way to a newcomer.
+pub const ADMIN_CONNECTIONS: usize = 32;
+/// A request's headers must arrive within this (idle keep-alive connections
+/// are closed by it too).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves until `shutdown` fires; `/healthz` fails from when `draining`
 /// fires, and while `storage_failing` holds a reason.
@@ -60,10 +76,46 @@ pub async fn serve(
                 }
             }),
         );
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "metrics server failed");
+    let slots = ConnectionSlots::new("admin HTTP", ADMIN_CONNECTIONS);
+    let mut acceptor = Acceptor::new(listener, "admin HTTP");
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(slot) = slots.admit(&shutdown, || {}).await else {
+            break;
+        };
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let activity = Arc::clone(slot.activity());
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let busy = activity.busy();
+                let response = app.clone().oneshot(request.map(axum::body::Body::new));
+                async move {
+                    let _busy = busy;
+                    response.await
+                }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = slot.activity().closed() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connection).await;
+                }
+            }
+        });
     }
+    drop(acceptor);
+    connections.close();
+    connections.wait().await;
 }

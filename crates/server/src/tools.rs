@@ -148,8 +148,13 @@ pub async fn send(args: SendArgs) -> Result<(), ToolError> {
     let flags = if args.ack { FLAG_ACK } else { 0 };
     let mut wire = BytesMut::new();
     for payload in &payloads {
-        make_frame_with(Channel(args.channel), payload.clone(), key.as_deref(), flags)
-            .encode(&mut wire);
+        make_frame_with(
+            Channel(args.channel),
+            payload.clone(),
+            key.as_deref(),
+            flags,
+        )
+        .encode(&mut wire);
     }
     let stream = tokio::net::TcpStream::connect(args.addr).await?;
     let acked = match &args.tls.ca_cert {
@@ -210,7 +215,8 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             if stream.read_exact(&mut record).await.is_err() {
                 break; // the server closed the connection
             }
-            last = Ack::decode(&record).ok_or("the server sent something that is not an acknowledgement")?;
+            last = Ack::decode(&record)
+                .ok_or("the server sent something that is not an acknowledgement")?;
         }
         Ok::<(), ToolError>(())
     };
@@ -220,7 +226,6 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     Ok(Some(last))
 }
-
 
 pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     let channel = grpc_channel(&args.addr, &args.tls).await?;

@@ -387,7 +387,7 @@ async fn silent_squatters_at_the_connection_cap_give_way_to_a_producer() {
 /// SPEC §8 and the README promise eviction "for the newcomer": a full house
 /// of quiet but legitimate connections is left alone while nobody waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: at the cap, each accept loop takes a slot before accept and evicts the connection idle >= 1 s even when no newcomer is waiting, on the ingest and the gRPC port"]
+
 async fn quiet_connections_at_the_cap_are_not_evicted_while_nobody_waits() {
     let server = start(&["--max-connections", "2", "--max-grpc-connections", "2"]).await;
     let mut ingest = [
@@ -584,7 +584,7 @@ async fn partial_frame_flood_stays_within_the_ingest_budget() {
 /// own unfinished frame must not count as stale while the server is the one
 /// holding it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug (intermittent: 1 of 3 full-file runs here, 1 in 4 to 25 runs with the server on one CPU): a producer that waits for budget in the middle of a frame is itself evicted as a stale partial frame once that frame is 1 s old; it loses all but its first read (15 of 100 packets), see producers_the_server_holds_back_are_not_evicted_as_stale"]
+
 async fn honest_producer_gets_through_a_partial_frame_flood() {
     let server = Process::spawn(&["--ingest-memory-limit", "8MiB", "--frame-timeout", "60s"]).await;
     let mut live = server.subscribe().await;
@@ -594,8 +594,8 @@ async fn honest_producer_gets_through_a_partial_frame_flood() {
     })
     .await;
 
-    // It waits for budget only until a stale (>= 1 s) unfinished frame of
-    // the flood is evicted for it.
+    // Its frames are small: the budget's reserve serves them, whatever the
+    // flood's unfinished frames hold.
     let began = Instant::now();
     produce(server.ingest, 1, 100, 1024, 1);
     let delivered = tokio::time::timeout(Duration::from_secs(10), collect(&mut live, 100)).await;
@@ -608,7 +608,6 @@ async fn honest_producer_gets_through_a_partial_frame_flood() {
         took < Duration::from_secs(5),
         "the honest producer took {took:?}"
     );
-    assert!(server.metric(&protocol_errors("frame_evicted")).await >= 1.0);
     drop(flood);
 }
 
@@ -618,7 +617,7 @@ async fn honest_producer_gets_through_a_partial_frame_flood() {
 /// budget runs out. Frames the server has started to read but holds back
 /// age through no fault of their producers, and must not be evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: producers that wait for ingest budget evict each other's unfinished frames once these are 1 s old, although the server itself stopped reading them; here 32 honest producers and a slow reader under --slow-subscriber block lose 4 to 13 connections (8 to 50 of 128 packets, 5 runs of 5), counted in protocol_errors{frame_evicted}"]
+
 async fn producers_the_server_holds_back_are_not_evicted_as_stale() {
     const PRODUCERS: usize = 32;
     const FRAMES: usize = 4;
@@ -687,7 +686,7 @@ async fn partial_publish_message_flood_stays_within_the_ingest_budget() {
     })
     .await;
 
-    // An honest upload gets budget once a stale message is evicted for it.
+    // An honest upload of small messages is served by the budget's reserve.
     let began = Instant::now();
     let requests: Vec<_> = (0..100)
         .map(|index| publish_of(1, 1, index, 1024))
@@ -710,7 +709,6 @@ async fn partial_publish_message_flood_stays_within_the_ingest_budget() {
         took < Duration::from_secs(5),
         "the honest upload took {took:?}"
     );
-    assert!(server.metric(&protocol_errors("frame_evicted")).await >= 1.0);
 
     let peak = server.peak_rss();
     let growth = peak.saturating_sub(before);
@@ -1145,7 +1143,7 @@ fn open_files(pid: u32) -> usize {
 /// file descriptors that gRPC and ingest clients need (SPEC §8: a thousand
 /// idle clients never take the service from the others).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: the metrics port has no connection cap and no idle or header-read timeout; 300 idle sockets on it take all 256 file descriptors for as long as they stay open, and gRPC health and ingest are refused (accept fails with EMFILE) until they close"]
+
 async fn idle_sockets_on_the_metrics_port_do_not_lock_out_grpc_and_ingest() {
     let server = Process::launch(
         Launch {
@@ -1308,7 +1306,7 @@ async fn oversized_filters_and_malformed_requests_are_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: request metadata over the 64 KiB header-list limit is answered by HTTP/2 with status 431 and no grpc-status, which clients see as UNKNOWN, not INVALID_ARGUMENT"]
+
 async fn oversized_request_metadata_is_invalid_argument() {
     let server = start(&[]).await;
     let mut request = tonic::Request::new(StreamInfoRequest {});

@@ -33,6 +33,9 @@ use crate::{
     wire::GRPC_PREFIX_LEN,
 };
 
+/// Messages up to this size may take the ingest budget's reserve.
+const SMALL_MESSAGE: usize = 16 * 1024;
+
 pub const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 
 /// What the client did wrong, in words it can act on.
@@ -139,8 +142,7 @@ impl MessageReader {
     fn note_partial(&mut self) {
         match (&self.budget, self.buf.is_empty(), &self.partial) {
             (Some((budget, close)), false, None) => {
-                self.partial =
-                    Some(budget.hold_partial(tokio::time::Instant::now(), close.clone()));
+                self.partial = Some(budget.hold_partial(close.clone()));
             }
             (_, true, Some(_)) => self.partial = None,
             _ => {}
@@ -185,6 +187,8 @@ impl MessageReader {
     /// the body is kept until it is charged and buffered.
     async fn read_chunk(&mut self) -> Result<(), Status> {
         if self.unbuffered.is_none() {
+            // Waiting for the client from here (see `budget`).
+            let _reading = self.partial.as_ref().map(PartialFrame::reading);
             let Some(frame) = self.body.frame().await else {
                 self.end_of_stream = true;
                 return Ok(());
@@ -199,7 +203,15 @@ impl MessageReader {
         // Charged before it is kept; `next` checks the prefix after every
         // chunk, so an oversized message is refused before it accumulates.
         if let Some(charge) = &mut self.charge {
-            charge.grow(len, self.partial.as_ref()).await;
+            // Starting a message, or finishing a small one: the reserve may serve.
+            let small = self.buf.len() < GRPC_PREFIX_LEN
+                || u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize
+                    <= SMALL_MESSAGE;
+            charge.grow(len, small, self.partial.as_ref()).await;
+            if let Some(partial) = &self.partial {
+                partial.set_bytes(charge.bytes());
+            }
         }
         if let Some(data) = self.unbuffered.take() {
             self.buf.extend_from_slice(&data);

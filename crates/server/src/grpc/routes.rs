@@ -61,6 +61,8 @@ impl Service<http::Request<Body>> for PacketsMethods {
 }
 
 const PACKETS_PREFIX: &str = "/packetingest.v1.Packets/";
+/// Request metadata (headers) one call may carry.
+pub const MAX_METADATA: usize = 64 * 1024;
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 const REFLECTION_V1_PREFIX: &str = "/grpc.reflection.v1.ServerReflection/";
 const REFLECTION_V1ALPHA_PREFIX: &str = "/grpc.reflection.v1alpha.ServerReflection/";
@@ -175,6 +177,17 @@ impl Service<http::Request<Body>> for GrpcRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let metadata: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        if metadata > MAX_METADATA {
+            let status = Status::invalid_argument(format!(
+                "request metadata of {metadata} bytes is over this server's limit of {MAX_METADATA} bytes"
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
         let path = request.uri().path();
         let route = if path.starts_with(PACKETS_PREFIX) {
             self.packets.clone()

@@ -62,8 +62,9 @@ const STREAM_WINDOW: u32 = 256 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Response bytes queued per stream beyond what the client's window takes.
 const SEND_BUFFER: usize = 256 * 1024;
-/// Request headers (metadata) one call may carry.
-const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Request headers HTTP/2 takes at all (beyond: HTTP 431); the routes
+/// refuse more than `routes::MAX_METADATA` with `INVALID_ARGUMENT`.
+const MAX_HEADER_LIST: u32 = 256 * 1024;
 
 /// Serves until `stop` fires: then stops accepting, sends every connection
 /// GOAWAY (calls in progress finish) and waits for them; `abort` closes
@@ -81,6 +82,12 @@ pub async fn serve(
     let mut acceptor = Acceptor::new(listener, "gRPC");
     let connections = TaskTracker::new();
     loop {
+        // Accept, then take a slot (see `connections`): nobody is evicted
+        // unless a newcomer is waiting.
+        let (tcp, peer) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
         let Some(slot) = slots
             .admit(&stop, || {
                 metrics.grpc_connections_closed.inc("evicted_idle")
@@ -88,10 +95,6 @@ pub async fn serve(
             .await
         else {
             break;
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
-            _ = stop.cancelled() => break,
         };
         // Small responses (heartbeats, unary replies) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);

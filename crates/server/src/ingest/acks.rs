@@ -106,7 +106,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Acks<W> {
 
     /// Settles every pending batch the durable end has passed.
     pub(super) fn settle(&mut self) {
-        let durable = self.durable.as_ref().map_or(u64::MAX, |durable| *durable.borrow());
+        let durable = self
+            .durable
+            .as_ref()
+            .map_or(u64::MAX, |durable| *durable.borrow());
         let mut settled = None;
         while let Some(front) = self.pending.front() {
             if front.durable_at > durable {
@@ -160,7 +163,12 @@ mod tests {
     use packet_ingest_protocol::ack::ACK_LEN;
     use tokio::io::AsyncReadExt;
 
-    fn published(frames: u64, rejected: u64, last: Option<u64>, durable_at: Option<u64>) -> Published {
+    fn published(
+        frames: u64,
+        rejected: u64,
+        last: Option<u64>,
+        durable_at: Option<u64>,
+    ) -> Published {
         Published {
             frames,
             rejected,
@@ -189,7 +197,11 @@ mod tests {
         acks.settle();
         assert_eq!(
             last_record(&mut theirs).await,
-            Ack { settled: 3, last_sequence: 2, rejected: 1 }
+            Ack {
+                settled: 3,
+                last_sequence: 2,
+                rejected: 1
+            }
         );
         durable_tx.send_replace(5);
         acks.settle();
@@ -197,7 +209,11 @@ mod tests {
         acks.finish().await;
         assert_eq!(
             last_record(&mut theirs).await,
-            Ack { settled: 5, last_sequence: 4, rejected: 1 }
+            Ack {
+                settled: 5,
+                last_sequence: 4,
+                rejected: 1
+            }
         );
     }
 

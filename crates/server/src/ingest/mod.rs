@@ -76,7 +76,14 @@ pub async fn serve(
     let mut acceptor = Acceptor::new(listener, "ingest");
     let metrics = Arc::clone(context.metrics());
     loop {
-        // Take the slot before accepting, so a full house is real backpressure.
+        // Accept, then take a slot: at the cap the newcomer waits for one
+        // (the connection idle longest gives way to it), and the ones after
+        // it wait in the kernel's accept queue: a full house is backpressure,
+        // and nobody is evicted while nobody is waiting.
+        let (stream, peer) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
+            _ = stop_accepting.cancelled() => return,
+        };
         let Some(slot) = slots
             .admit(&stop_accepting, || {
                 metrics.protocol_errors.add("evicted_idle", 1, 0)
@@ -84,10 +91,6 @@ pub async fn serve(
             .await
         else {
             return;
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
-            _ = stop_accepting.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
         let context = context.clone();

@@ -97,9 +97,14 @@ impl FrameReader {
             (self.buf.capacity() - self.buf.len() < room).then(|| self.grown_capacity(room));
         let holding = grown.unwrap_or(self.buf.capacity());
         let needed = holding.saturating_sub(self.charge.bytes());
-        if !self.charge.try_grow(needed) {
+        // Starting a frame, or finishing a small one: the reserve may serve.
+        let small = self
+            .decoder
+            .pending_frame_len()
+            .is_none_or(|len| len <= SMALL_READ);
+        if !self.charge.try_grow(needed, small) {
             let _waiting = activity.busy();
-            self.charge.grow(needed, self.partial.as_ref()).await;
+            self.charge.grow(needed, small, self.partial.as_ref()).await;
         }
         if let Some(capacity) = grown {
             // A new buffer of exactly this size (BytesMut::reserve may double
@@ -108,7 +113,12 @@ impl FrameReader {
             buf.extend_from_slice(&self.buf);
             self.buf = buf;
         }
+        if let Some(partial) = &self.partial {
+            partial.set_bytes(self.charge.bytes());
+        }
         let spare = self.buf.capacity() - self.buf.len();
+        // Waiting for the client from here: a stall the budget may evict.
+        let _reading = self.partial.as_ref().map(PartialFrame::reading);
         let read = stream.read_buf(&mut self.buf).await;
         let got = *read.as_ref().unwrap_or(&0);
         self.streaming = got >= spare.min(room);
@@ -186,7 +196,7 @@ impl FrameReader {
             (false, false, started) => started,
         };
         if started != self.frame_started {
-            self.partial = started.map(|at| self.budget.hold_partial(at, self.close.clone()));
+            self.partial = started.map(|_| self.budget.hold_partial(self.close.clone()));
             self.frame_started = started;
         }
         outcome
