@@ -15,6 +15,8 @@ import sys
 MAGIC = b"PK"
 VERSION = 1
 FLAG_HMAC = 0x01
+FLAG_ACK = 0x02  # ask for acknowledgements on this connection (SPEC section 9)
+ACK = struct.Struct(">2sBBQQQ")  # magic "PA", version, reserved, settled, last_sequence, rejected
 HEADER_LEN = 44
 SIGNED_HEADER = struct.Struct(">2sBBII")  # magic, version, flags, channel, length
 
@@ -26,20 +28,20 @@ def signed_header(channel, length, flags=0):
     return SIGNED_HEADER.pack(MAGIC, VERSION, flags, channel, length)
 
 
-def digest(channel, payload, key=None):
+def digest(channel, payload, key=None, extra_flags=0):
     """The 32-byte digest field: SHA-256, or HMAC-SHA256 when a key is given.
 
     Returns (digest, flags)."""
-    flags = FLAG_HMAC if key is not None else 0
+    flags = (FLAG_HMAC if key is not None else 0) | extra_flags
     data = signed_header(channel, len(payload), flags) + payload
     if key is None:
         return hashlib.sha256(data).digest(), flags
     return hmac.new(key, data, hashlib.sha256).digest(), flags
 
 
-def frame(channel, payload, key=None):
+def frame(channel, payload, key=None, extra_flags=0):
     """One complete wire frame: 12-byte signed header, 32-byte digest, payload."""
-    dig, flags = digest(channel, payload, key)
+    dig, flags = digest(channel, payload, key, extra_flags)
     return signed_header(channel, len(payload), flags) + dig + payload
 
 
@@ -114,3 +116,18 @@ def add_grpc_args(parser, default_addr="127.0.0.1:50051"):
                         help="gRPC address, HOST:PORT or http://HOST:PORT (default %(default)s)")
     parser.add_argument("--token-file",
                         help="send `authorization: Bearer <first non-comment line of the file>`")
+
+
+def read_ack(sock):
+    """The next acknowledgement record as (settled, last_sequence, rejected),
+    or None once the server has closed the connection."""
+    record = b""
+    while len(record) < ACK.size:
+        chunk = sock.recv(ACK.size - len(record))
+        if not chunk:
+            return None
+        record += chunk
+    magic, version, _, settled, last_sequence, rejected = ACK.unpack(record)
+    if magic != b"PA" or version != 1:
+        raise ValueError("the server sent something that is not an acknowledgement")
+    return settled, last_sequence, rejected

@@ -7,10 +7,12 @@ Packet i carries b"<channel>:<i>|" followed by filler, --size bytes in all, with
 SHA-256 digest over header bytes 0..12 and the payload (HMAC-SHA256 with
 --hmac-key-file). Needs only the standard library (no stubs).
 
-The server acknowledges nothing on this port: after the last frame the producer
-half-closes the connection and waits for the server to close its side, so when
-it exits 0 every frame has been read by the server (subscribe with
---from to see them). It prints one JSON summary line on stdout.
+The frames ask for acknowledgements (flag bit 1, SPEC section 9): after the
+last frame the producer half-closes and reads the server's 28-byte "PA"
+records until every frame is settled, so exit 0 means every packet was
+accepted and made durable; exit 1 if some were rejected or not acknowledged
+before the server closed. With --no-ack it only waits for the server to close.
+It prints one JSON summary line on stdout.
 """
 
 import argparse
@@ -38,6 +40,7 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="payload bytes per packet")
     parser.add_argument("--start", type=int, default=0, help="index of the first packet")
     parser.add_argument("--hmac-key-file", help="sign with HMAC-SHA256 using this key file")
+    parser.add_argument("--no-ack", action="store_true", help="do not ask for acknowledgements")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds for connect, each write and the final close (default %(default)s)")
     args = parser.parse_args()
@@ -55,7 +58,8 @@ def main():
         batch = []
         batch_len = 0
         for i in range(args.start, args.start + args.count):
-            data = pktcommon.frame(args.channel, pktcommon.payload(args.channel, i, args.size), key)
+            extra = 0 if args.no_ack else pktcommon.FLAG_ACK
+            data = pktcommon.frame(args.channel, pktcommon.payload(args.channel, i, args.size), key, extra)
             batch.append(data)
             batch_len += len(data)
             if batch_len >= 64 * 1024:
@@ -65,10 +69,18 @@ def main():
         if batch:
             sock.sendall(b"".join(batch))
             sent_bytes += batch_len
-        # Half-close, then wait for the server to read everything and close.
         sock.shutdown(socket.SHUT_WR)
-        while sock.recv(4096):
-            pass
+        ack = (0, 0, 0)
+        if args.no_ack:
+            # Wait for the server to read everything and close.
+            while sock.recv(4096):
+                pass
+        else:
+            while ack[0] < args.count:
+                record = pktcommon.read_ack(sock)
+                if record is None:
+                    break
+                ack = record
     summary = {
         "sent": args.count,
         "bytes": sent_bytes,
@@ -76,7 +88,11 @@ def main():
         "addr": f"{host}:{port}",
         "seconds": round(time.monotonic() - started, 3),
     }
+    if not args.no_ack:
+        summary.update(acknowledged=ack[0], last_sequence=ack[1], rejected=ack[2])
     print(json.dumps(summary), flush=True)
+    if not args.no_ack and (ack[0] < args.count or ack[2] > 0):
+        sys.exit(f"producer: {ack[0]} of {args.count} packets acknowledged, {ack[2]} rejected")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@
 //!
 //! Packet `i` carries `<channel>:<i>|` followed by filler, `--size` bytes in all
 //! (the same packets as examples/python/producer.py), with the SHA-256 digest
-//! of SPEC §2. Over TCP the producer half-closes after the last frame and waits
-//! for the server to close, so on exit 0 the server has read every frame. Over
-//! Publish it prints the server's counts. One JSON summary line goes to stdout.
+//! of SPEC §2. Over TCP the frames ask for acknowledgements (flag bit 1, SPEC
+//! §9): after the last frame the producer half-closes and reads `PA` records
+//! until every frame is settled, so exit 0 means every packet was accepted and
+//! made durable (exit 1: some were rejected, or not acknowledged before the
+//! server closed). `--no-ack` sends plain frames and only waits for the server
+//! to close. Over Publish the server answers once the packets are durable; it
+//! prints the server's counts. One JSON summary line goes to stdout.
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
@@ -17,7 +21,9 @@ use bytes::{Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt as _;
 use packet_ingest_protocol::{
-    frame::{sha256_frame, Channel},
+    ack::{Ack, ACK_LEN},
+    client::make_frame_with,
+    frame::{sha256_frame, Channel, FLAG_ACK},
     pb::packets_client::PacketsClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +61,9 @@ struct Args {
     /// Bearer token file for --via publish against an --auth-token-file server.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// TCP: do not ask for acknowledgements.
+    #[arg(long)]
+    no_ack: bool,
 }
 
 /// Packet `index` of a run: `<channel>:<index>|` then a rotated alphabet, `size` bytes.
@@ -75,10 +84,13 @@ async fn send_tcp(args: &Args) -> Result<serde_json::Value, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?;
     let mut wire = BytesMut::new();
     let mut bytes = 0usize;
+    let flags = if args.no_ack { 0 } else { FLAG_ACK };
     for index in args.start..args.start + args.count {
-        sha256_frame(
+        make_frame_with(
             Channel(args.channel),
             payload(args.channel, index, args.size),
+            None,
+            flags,
         )
         .encode(&mut wire);
         if wire.len() >= 64 * 1024 {
@@ -89,11 +101,31 @@ async fn send_tcp(args: &Args) -> Result<serde_json::Value, String> {
     }
     bytes += wire.len();
     stream.write_all(&wire).await.map_err(|e| e.to_string())?;
-    // Half-close, then wait until the server has read everything and closes.
     stream.shutdown().await.map_err(|e| e.to_string())?;
-    let mut sink = [0u8; 4096];
-    while stream.read(&mut sink).await.map_err(|e| e.to_string())? > 0 {}
-    Ok(serde_json::json!({ "sent": args.count, "bytes": bytes, "channel": args.channel }))
+    let mut summary =
+        serde_json::json!({ "sent": args.count, "bytes": bytes, "channel": args.channel });
+    if args.no_ack {
+        // Wait until the server has read everything and closes.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await.map_err(|e| e.to_string())? > 0 {}
+        return Ok(summary);
+    }
+    // Acknowledgements until every frame is settled (or the server closes).
+    let mut ack = Ack::default();
+    let mut record = [0u8; ACK_LEN];
+    while ack.settled < args.count && stream.read_exact(&mut record).await.is_ok() {
+        ack = Ack::decode(&record).ok_or("the server sent something that is not an acknowledgement")?;
+    }
+    summary["acknowledged"] = ack.settled.into();
+    summary["last_sequence"] = ack.last_sequence.into();
+    summary["rejected"] = ack.rejected.into();
+    if ack.settled < args.count || ack.rejected > 0 {
+        return Err(format!(
+            "{} of {} packets acknowledged, {} rejected: {summary}",
+            ack.settled, args.count, ack.rejected
+        ));
+    }
+    Ok(summary)
 }
 
 async fn publish(args: &Args) -> Result<serde_json::Value, String> {
