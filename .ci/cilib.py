@@ -18,10 +18,12 @@ Standard library only: every script runs on the system python3 first.
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,9 @@ class Checks:
             self.fail(str(error))
         except KeyboardInterrupt:
             self.fail("interrupted")
+        except Exception:  # a bug in the check itself: still end with the summary
+            traceback.print_exc()
+            self.fail("the check itself failed (traceback above)")
         self.log(f"took {time.monotonic() - self.started:.0f}s")
         print(f"{self.name}: {self.passed} passed, {self.failed} failed", flush=True)
         sys.exit(1 if self.failed else 0)
@@ -88,7 +93,7 @@ def venv(name, *requirements, requirements_file=None):
     python = path / "bin" / "python"
     done = path / ".installed"
     if not done.exists():
-        subprocess.run(["rm", "-rf", str(path)], check=True)
+        shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         quiet = ["--quiet", "--disable-pip-version-check", "--no-input"]
         extra = ["-r", str(requirements_file)] if requirements_file else []

@@ -5,8 +5,8 @@
 //!
 //! What `.ci/grpcurl-smoke.sh` then repeats with a real `grpcurl` is only a
 //! smoke test; the behaviour is pinned here. Neighbouring checks live where the
-//! behaviour does: OUT_OF_RANGE and heartbeats in `flow.rs`, Publish counts in
-//! `flow.rs`, SIGTERM (exit 0, streams end UNAVAILABLE) in `process.rs`.
+//! behaviour does: OUT_OF_RANGE, heartbeats and Publish counts in `flow.rs`,
+//! SIGTERM (exit 0, open streams end UNAVAILABLE) in `process.rs`.
 
 mod common;
 
