@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Cluster mode against single-process mode on this machine, in one run, all
+driven by the same `packet-ingest-bench` client (1 producer, 1 subscriber,
+loopback, every server with --slow-subscriber block):
+  - single:     one packet-ingest process, no NATS,
+  - cluster-1:  one replica with --cluster-nats (producer and subscriber on it),
+  - cluster-2:  two replicas on the same stream, producer on replica A and
+                subscriber on replica B,
+for 1 KiB and 64 B unpaced throughput and for 1 KiB paced at RATE (latency).
+Every case gets its own nats-server with a fresh JetStream store directory
+and its own stream name, so no run sees another's data. nats-server's CPU is
+read from /proc/PID/stat around each run, beside the replicas' (the bench's
+--server-pid). Then writes a section at the end of BENCHMARKS.md, between the
+cluster.py GENERATED markers (bench/report.py; compare.py's section is left alone).
+
+usage: bench/cluster.py      (from anywhere; 1-2 minutes on 2 cores, plus the build)
+
+Environment (defaults in brackets):
+  DURATION [5s]          length of each unpaced throughput run (whole seconds)
+  PACED_DURATION [10s]   length of each paced latency run
+  RATE [10000]           paced rate, packets/s (1 KiB payloads)
+  DRAIN_TIMEOUT [5s]     bench --drain-timeout: how long a subscriber waits
+                         without progress before the rest counts as lost
+  CASE_TIMEOUT [60]      seconds on top of the duration before a stuck bench
+                         run is killed and reported as such
+  PACKET_INGEST_BIN      use this binary instead of building target/release
+  OUT [BENCHMARKS.md]    where the section goes
+  RESULTS_DIR [target/bench-cluster]   raw JSON and logs of every run
+"""
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+import report
+from benchlib import ROOT, cilib, log, setting
+
+DURATION = setting("DURATION", "5s")
+PACED_DURATION = setting("PACED_DURATION", "10s")
+RATE = setting("RATE", "10000")
+DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", "5s")
+CASE_TIMEOUT = int(setting("CASE_TIMEOUT", "60"))
+OUT = ROOT / setting("OUT", "BENCHMARKS.md")
+RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "target" / "bench-cluster")
+# The longest run, in whole seconds: what CASE_TIMEOUT is added to.
+LONGEST = max(int(n) for n in re.findall(r"\d+", f"{DURATION} {PACED_DURATION}"))
+
+
+class Case:
+    """The processes of one case: at most one nats-server, and the replicas."""
+
+    def __init__(self, name, scratch):
+        self.name, self.scratch = name, scratch
+        self.nats, self.nats_url, self.store = None, None, None
+        self.replicas = []  # (name, benchlib.PacketIngest)
+
+    def start_nats(self):
+        """A nats-server with JetStream on a random port and a fresh store."""
+        self.store = tempfile.mkdtemp(prefix=f"js-{self.name}.", dir=self.scratch)
+        nats_log = RESULTS / f"{self.name}.nats.log"
+        self.nats = benchlib.Process(["nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", self.store], nats_log)
+        ready = lambda: "Server is ready" in nats_log.read_text(errors="replace")  # noqa: E731
+        cilib.wait_until(lambda: ready() or not self.nats.running(), 10, 0.1)
+        port = re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)", nats_log.read_text(errors="replace"))
+        if not (ready() and port):
+            log(f"  nats-server did not start: {benchlib.tail(nats_log)}")
+            return False
+        self.nats_url = f"nats://127.0.0.1:{port.group(1)}"
+        return True
+
+    def start_replica(self, name, *args):
+        try:
+            server = benchlib.PacketIngest(RESULTS / f"{self.name}.{name}.log", "--slow-subscriber", "block",
+                                           "--shutdown-grace", "3s", *args)
+        except cilib.Fatal as error:
+            log(f"  packet-ingest {name} did not start: {error}")
+            return False
+        self.replicas.append((name, server))
+        return True
+
+    def start(self, setup):
+        if setup == "single":
+            return self.start_replica("A")
+        if not self.start_nats():
+            return False
+        cluster = ("--cluster-nats", self.nats_url, "--cluster-stream", "BENCH_" + self.name.upper().replace("-", "_"))
+        return self.start_replica("A", *cluster) and (setup == "cluster-1" or self.start_replica("B", *cluster))
+
+    def stop(self):
+        # Replicas first (they drain into NATS on SIGTERM), then nats-server.
+        for _, server in self.replicas:
+            server.stop(10)
+        if self.nats:
+            self.nats.stop(10)
+        if self.store:
+            shutil.rmtree(self.store, ignore_errors=True)
+
+
+def run_case(bench, scratch, name, setup, *args):
+    """Starts SETUP, runs the bench once, stops everything. Results: NAME.json (the
+    bench's JSON), NAME.meta (exit status, nats-server CPU, who died), NAME.*.log."""
+    meta = []
+    case = Case(name, scratch)
+    try:
+        if not case.start(setup):
+            meta.append("setup_failed=1")
+            return
+        # Producer on replica A, subscriber on the last replica started (B in cluster-2).
+        ingest, grpc = case.replicas[0][1].ingest, case.replicas[-1][1].grpc
+        nats_before = benchlib.cpu_seconds(case.nats.pid) if case.nats else None
+        busy_before, t0 = benchlib.machine_busy_seconds(), time.time()
+        rc = bench.run(name, "--target", "packet-ingest", "--ingest-addr", ingest, "--grpc-addr", grpc,
+                       "--drain-timeout", DRAIN_TIMEOUT, *args, pids=[s.pid for _, s in case.replicas],
+                       timeout=LONGEST + CASE_TIMEOUT)
+        t1, busy_after = time.time(), benchlib.machine_busy_seconds()
+        nats_after = benchlib.cpu_seconds(case.nats.pid) if case.nats else None
+        meta += [f"rc={rc}", f"machine_busy_s={busy_after - busy_before:.2f}", f"bench_wall_s={t1 - t0:.2f}",
+                 f"ingest={ingest} grpc={grpc}"]
+        if case.nats:
+            nats_s = "" if nats_before is None or nats_after is None else f"{nats_after - nats_before:.2f}"
+            meta.append(f"nats_s={nats_s}")
+        meta += [f"died={who}" for who, server in case.replicas if not server.running()]
+        if case.nats and not case.nats.running():
+            meta.append("died=nats-server")
+        if rc == 124:
+            meta.append(f"timed_out={LONGEST + CASE_TIMEOUT}")
+        if rc != 0:
+            log(f"  {name}: bench exited {rc} {benchlib.tail(RESULTS / f'{name}.err', 2)}")
+    finally:
+        case.stop()
+        (RESULTS / f"{name}.meta").write_text("".join(line + "\n" for line in meta))
+
+
+def main():
+    started = time.time()
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    RESULTS.mkdir(parents=True)
+    if not shutil.which("nats-server"):
+        benchlib.apt_install(["nats-server"])
+    if not shutil.which("nats-server"):
+        sys.exit("nats-server is needed for cluster mode")
+    bench = benchlib.Bench(RESULTS)
+    with tempfile.TemporaryDirectory(prefix="bench-cluster.") as scratch:
+        for prefix, args in (("1k", ["--size", "1KiB", "--duration", DURATION]),
+                             ("64", ["--size", "64", "--duration", DURATION]),
+                             ("paced", ["--size", "1KiB", "--rate", RATE, "--duration", PACED_DURATION])):
+            for setup in ("single", "cluster-1", "cluster-2"):
+                run_case(bench, scratch, f"{prefix}-{setup}", setup, *args)
+
+    # Only changes to what the binary is built from count (not this run's own edit of BENCHMARKS.md).
+    benchlib.write_machine(RESULTS, started,
+                           commit=benchlib.commit(("crates", "proto", "Cargo.toml", "Cargo.lock"),
+                                                  " plus uncommitted source changes"),
+                           nats=benchlib.version(["nats-server", "--version"]),
+                           settings=f"DURATION={DURATION} PACED_DURATION={PACED_DURATION} RATE={RATE} "
+                                    f"DRAIN_TIMEOUT={DRAIN_TIMEOUT}")
+    report.render("cluster", RESULTS, OUT)
+    log(f"done in {time.time() - started:.0f} s; raw results in {RESULTS}")
+
+
+if __name__ == "__main__":
+    benchlib.build_binaries()
+    main()
