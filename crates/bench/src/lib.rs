@@ -71,6 +71,9 @@ pub enum Target {
     PacketIngest,
     /// A nats-server: plain publish/subscribe, no verification.
     Nats,
+    /// NATS JetStream with its file store: producers publish and await the
+    /// stream's acks (pipelined), subscribers read with an ordered consumer.
+    Jetstream,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -187,7 +190,7 @@ impl Plan {
                 return Err(format!("--rate {rate} must be a positive number").into());
             }
         }
-        if args.target == Target::Nats && args.via == Via::Publish {
+        if args.target != Target::PacketIngest && args.via == Via::Publish {
             return Err("--via publish is for --target packet-ingest".into());
         }
         let producers = args.producers as usize;
@@ -253,6 +256,9 @@ pub async fn run(args: BenchArgs) -> Result<bool, ToolError> {
     let plan = Arc::new(Plan::from_args(&args)?);
     let shared = Arc::new(Shared::new(plan.producers));
     let args = Arc::new(args);
+    if plan.target == Target::Jetstream {
+        produce::reset_jetstream(&args.nats_url).await?;
+    }
 
     // Producers connect first: their local addresses are the sources the
     // subscribers will check packets against.

@@ -93,6 +93,7 @@ pub(crate) enum Connected {
     Publish(Box<Publisher>),
     Nats(async_nats::Client),
     RawNats(RawNats),
+    Jetstream(async_nats::jetstream::Context),
 }
 
 impl Connected {
@@ -101,7 +102,10 @@ impl Connected {
     pub fn source(&self) -> Vec<u8> {
         match self {
             Connected::Tcp { local, .. } => format!("tcp/{local}").into_bytes(),
-            Connected::Publish(_) | Connected::Nats(_) | Connected::RawNats(_) => Vec::new(),
+            Connected::Publish(_)
+            | Connected::Nats(_)
+            | Connected::RawNats(_)
+            | Connected::Jetstream(_) => Vec::new(),
         }
     }
 }
@@ -127,6 +131,12 @@ async fn connect(plan: &Plan, args: &BenchArgs) -> Result<Connected, ToolError> 
                 .await
                 .map_err(|error| format!("cannot connect to {}: {error}", args.nats_url))?;
             Ok(Connected::Nats(client))
+        }
+        (Target::Jetstream, _) => {
+            let client = async_nats::connect(args.nats_url.as_str())
+                .await
+                .map_err(|error| format!("cannot connect to {}: {error}", args.nats_url))?;
+            Ok(Connected::Jetstream(async_nats::jetstream::new(client)))
         }
         (Target::PacketIngest, Via::Tcp) => {
             let addr = args.ingest_addr;
@@ -244,6 +254,9 @@ pub(crate) async fn produce(
         }
         Connected::RawNats(nats) => {
             super::nats::produce(index, nats, &plan, &shared, limit, pacer).await?
+        }
+        Connected::Jetstream(context) => {
+            jetstream_producer(index, context, &plan, &shared, limit, pacer).await?
         }
     };
     report.elapsed = started.elapsed();
@@ -399,6 +412,84 @@ async fn nats_producer(
         .flush()
         .await
         .map_err(|error| format!("NATS flush failed: {error}"))?;
+    Ok(ProducerReport {
+        sent,
+        ..ProducerReport::default()
+    })
+}
+
+/// The JetStream stream the bench publishes to (subjects `bench.>`).
+pub(crate) const JETSTREAM_STREAM: &str = "PACKET_INGEST_BENCH";
+/// Publishes a JetStream producer keeps unacknowledged (as cluster mode does).
+const JETSTREAM_IN_FLIGHT: usize = 4096;
+
+/// Deletes and creates the bench's stream (file storage), so every run starts empty.
+pub(crate) async fn reset_jetstream(url: &str) -> Result<(), ToolError> {
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|error| format!("cannot connect to {url}: {error}"))?;
+    let context = async_nats::jetstream::new(client);
+    let _ = context.delete_stream(JETSTREAM_STREAM).await;
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: JETSTREAM_STREAM.to_owned(),
+            subjects: vec!["bench.>".to_owned()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| format!("cannot create the JetStream stream: {error}"))?;
+    Ok(())
+}
+
+async fn jetstream_producer(
+    index: usize,
+    context: async_nats::jetstream::Context,
+    plan: &Plan,
+    shared: &Shared,
+    limit: Limit,
+    pacer: Option<Pacer>,
+) -> Result<ProducerReport, ToolError> {
+    let subject = async_nats::Subject::from(format!("bench.{index}"));
+    let counter = &shared.sent[index];
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut chunk = BytesMut::new();
+    let mut sent = 0u64;
+    let settle = |ack: async_nats::jetstream::context::PublishAckFuture| async move {
+        ack.await
+            .map(|_| ())
+            .map_err(|error| format!("JetStream did not store a message: {error}"))
+    };
+    while limit.allows(sent) {
+        let stamp = match pacer {
+            None => 0,
+            Some(pacer) => {
+                if pacer.due(Instant::now()) <= sent {
+                    tokio::time::sleep_until(pacer.time_of(sent).into()).await;
+                }
+                unix_nanos_now()
+            }
+        };
+        if chunk.capacity() < plan.size {
+            chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
+        }
+        put_payload(&mut chunk, plan.size, stamp, sent);
+        let ack = context
+            .publish(subject.clone(), chunk.split().freeze())
+            .await
+            .map_err(|error| format!("JetStream publish failed: {error}"))?;
+        in_flight.push_back(ack);
+        while in_flight.len() > JETSTREAM_IN_FLIGHT {
+            if let Some(ack) = in_flight.pop_front() {
+                settle(ack).await?;
+            }
+        }
+        sent += 1;
+        counter.store(sent, Ordering::Relaxed);
+    }
+    while let Some(ack) = in_flight.pop_front() {
+        settle(ack).await?;
+    }
     Ok(ProducerReport {
         sent,
         ..ProducerReport::default()

@@ -331,6 +331,80 @@ pub(crate) async fn subscriber(
             NatsClient::Raw => super::nats::subscribe(&args, &shared, stats, ready).await,
             NatsClient::AsyncNats => nats_subscriber(&args, &shared, stats, ready).await,
         },
+        Target::Jetstream => jetstream_subscriber(&args, &shared, stats, ready).await,
+    }
+}
+
+/// Reads the bench's JetStream stream from its start with an ordered consumer.
+async fn jetstream_subscriber(
+    args: &BenchArgs,
+    shared: &Shared,
+    stats: Arc<Mutex<SubStats>>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), String> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
+    let client = async_nats::connect(args.nats_url.as_str())
+        .await
+        .map_err(|error| format!("cannot connect to {}: {error}", args.nats_url))?;
+    let context = async_nats::jetstream::new(client.clone());
+    let stream = context
+        .get_stream(crate::produce::JETSTREAM_STREAM)
+        .await
+        .map_err(|error| format!("no JetStream stream: {error}"))?;
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| format!("cannot create a JetStream consumer: {error}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|error| format!("cannot read the JetStream consumer: {error}"))?;
+    let _ = ready.send(());
+    let mut accounted = 0;
+    loop {
+        let last_at = lock(&stats).last_at;
+        match progress(shared, accounted, last_at, args.drain_timeout) {
+            Progress::Complete | Progress::GaveUp(_) => return Ok(()),
+            Progress::Waiting => {}
+        }
+        let first = match tokio::time::timeout(TICK, messages.next()).await {
+            Err(_) => continue,
+            Ok(None) => return Err("the JetStream consumer ended".to_owned()),
+            Ok(Some(Err(error))) => return Err(format!("JetStream consumer failed: {error}")),
+            Ok(Some(Ok(message))) => message,
+        };
+        let now = unix_nanos_now();
+        let mut stats = lock(&stats);
+        let mut message = Some(first);
+        let mut handled = 0;
+        while let Some(current) = message.take() {
+            let producer = current
+                .subject
+                .as_str()
+                .strip_prefix("bench.")
+                .and_then(|suffix| suffix.parse::<usize>().ok());
+            match (producer, current.payload.len() >= super::MIN_PAYLOAD) {
+                (Some(producer), true) => {
+                    let index = u64::from_be_bytes(payload_word(&current.payload, 8));
+                    stats.record(producer, index, &current.payload, now);
+                }
+                _ => stats.foreign += 1,
+            }
+            handled += 1;
+            if handled < NATS_DRAIN_BATCH {
+                message = match messages.next().now_or_never().flatten() {
+                    Some(Ok(next)) => Some(next),
+                    _ => None,
+                };
+            }
+        }
+        stats.responses += 1;
+        stats.last_at = Some(Instant::now());
+        accounted = stats.accounted();
     }
 }
 

@@ -400,7 +400,7 @@ impl BenchReport {
             .collect();
         let core = |cpu: Option<f64>| cpu.map(|cpu| per_second(cpu, self.wall));
         json!({
-            "target": match self.target { Target::PacketIngest => "packet-ingest", Target::Nats => "nats" },
+            "target": match self.target { Target::PacketIngest => "packet-ingest", Target::Nats => "nats", Target::Jetstream => "jetstream" },
             "via": match self.via { Via::Tcp => "tcp", Via::Publish => "publish" },
             "producers": self.producers,
             "subscribers": self.subscribers.len(),
@@ -450,6 +450,7 @@ impl BenchReport {
         let mut out = String::new();
         let target = match (self.target, self.via) {
             (Target::Nats, _) => "nats",
+            (Target::Jetstream, _) => "NATS JetStream (file store, acked publishes)",
             (Target::PacketIngest, Via::Tcp) => "packet-ingest via TCP",
             (Target::PacketIngest, Via::Publish) => "packet-ingest via Publish",
         };

@@ -114,7 +114,8 @@ async fn send_tcp(args: &Args) -> Result<serde_json::Value, String> {
     let mut ack = Ack::default();
     let mut record = [0u8; ACK_LEN];
     while ack.settled < args.count && stream.read_exact(&mut record).await.is_ok() {
-        ack = Ack::decode(&record).ok_or("the server sent something that is not an acknowledgement")?;
+        ack = Ack::decode(&record)
+            .ok_or("the server sent something that is not an acknowledgement")?;
     }
     summary["acknowledged"] = ack.settled.into();
     summary["last_sequence"] = ack.last_sequence.into();
