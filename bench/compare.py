@@ -114,9 +114,20 @@ def packet_ingest(bench):
         target = ["--target", "packet-ingest", "--ingest-addr", server.ingest, "--grpc-addr", server.grpc]
         for suffix, args in CASES:
             bench.run(f"pi-{suffix}", *target, *args, pids=[server.pid])
+        # Publish next to TCP: the same 1 KiB packets through the RPC.
+        bench.run("pi-1k-publish", *target, "--via", "publish", "--size", "1KiB", "--duration", DURATION,
+                  pids=[server.pid])
         if PERF and shutil.which("perf"):
             for name, size in (("perf-64", "64"), ("perf-64k", "64KiB")):
                 profile_case(bench, name, server.pid, [*target, "--size", size, "--duration", DURATION])
+    # The durable stream (default fsync policy) on the same machine.
+    data_dir = RESULTS / "data-dir"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    with benchlib.PacketIngest(RESULTS / "packet-ingest-disk.log", "--slow-subscriber", "block",
+                               "--data-dir", data_dir) as server:
+        target = ["--target", "packet-ingest", "--ingest-addr", server.ingest, "--grpc-addr", server.grpc]
+        bench.run("pi-disk-1k", *target, "--size", "1KiB", "--duration", DURATION, pids=[server.pid])
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def seed_design(bench):
@@ -150,6 +161,16 @@ def nats(bench):
             target = ["--target", "nats", "--nats-url", f"nats://127.0.0.1:{port}", "--nats-client", client]
             for suffix, args in CASES:
                 bench.run(f"nats-{client}-{suffix}", *target, *args, pids=[server.pid])
+    # JetStream with its file store, next to the durable stream.
+    store = RESULTS / "jetstream"
+    shutil.rmtree(store, ignore_errors=True)
+    port = benchlib.free_port()
+    with benchlib.Process(["nats-server", "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
+                          RESULTS / "jetstream.log") as server:
+        if benchlib.wait_for_port(f"127.0.0.1:{port}", 10):
+            bench.run("jetstream-1k", "--target", "jetstream", "--nats-url", f"nats://127.0.0.1:{port}",
+                      "--size", "1KiB", "--duration", DURATION, pids=[server.pid])
+    shutil.rmtree(store, ignore_errors=True)
 
 
 def main():
