@@ -1,9 +1,20 @@
-//! Bearer-token authentication for every RPC except health, as one tower layer.
+//! Bearer-token authentication for the `Packets` RPCs, as one tower layer, and
+//! what each token may do.
 //!
-//! Tokens come from `--auth-token-file` (one per line, blank lines and `#`
-//! comments ignored). The file is re-read when its contents change, so a
-//! rotated Kubernetes Secret takes effect without a restart. Tokens are kept
-//! only as SHA-256 digests and compared in constant time against every entry.
+//! Tokens come from `--auth-token-file`: one per line, blank lines and `#`
+//! comments ignored. A line is a token alone (it may do everything) or a
+//! token followed by what it may do:
+//!
+//! ```text
+//! s3cret-reader subscribe=1,2,7 stream-info
+//! s3cret-writer publish=7
+//! s3cret-ops    subscribe=* publish=* stream-info
+//! ```
+//!
+//! (tokens contain no whitespace). The file is re-read when its contents
+//! change, so a rotated Kubernetes Secret takes effect without a restart. Tokens
+//! are kept only as SHA-256 digests and compared in constant time against
+//! every entry; the matching entry's `Permissions` travel with the request.
 
 use std::{
     future::Future,
@@ -15,48 +26,143 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use tonic::Status;
 use tower::{BoxError, Layer, Service};
 
 /// How often the token file is checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-/// Paths open to anyone: probes must work without credentials.
-const PUBLIC_PREFIX: &str = "/grpc.health.v1.Health/";
+/// Channels a token may use for one kind of call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    All,
+    /// These channels, sorted.
+    Only(Arc<[u32]>),
+    Nothing,
+}
 
-/// The accepted tokens, as digests.
+impl Allowed {
+    pub fn permits(&self, channel: u32) -> bool {
+        match self {
+            Allowed::All => true,
+            Allowed::Only(channels) => channels.binary_search(&channel).is_ok(),
+            Allowed::Nothing => false,
+        }
+    }
+}
+
+/// What the token of a call may do (absent when there is no token file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    pub subscribe: Allowed,
+    pub publish: Allowed,
+    pub stream_info: bool,
+}
+
+impl Permissions {
+    pub fn all() -> Self {
+        Permissions {
+            subscribe: Allowed::All,
+            publish: Allowed::All,
+            stream_info: true,
+        }
+    }
+
+    /// Parses the words after a token; `Err` names the word it cannot use.
+    fn parse<'a>(words: impl Iterator<Item = &'a str>) -> Result<Self, String> {
+        let mut permissions = Permissions {
+            subscribe: Allowed::Nothing,
+            publish: Allowed::Nothing,
+            stream_info: false,
+        };
+        let mut any = false;
+        for word in words {
+            any = true;
+            let channels = |list: &str| -> Result<Allowed, String> {
+                if list == "*" {
+                    return Ok(Allowed::All);
+                }
+                let mut channels = list
+                    .split(',')
+                    .map(|channel| channel.trim().parse::<u32>())
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|_| {
+                        format!("{word:?} (channels are u32 numbers, comma-separated, or *)")
+                    })?;
+                channels.sort_unstable();
+                channels.dedup();
+                Ok(Allowed::Only(channels.into()))
+            };
+            match word.split_once('=') {
+                Some(("subscribe", list)) => permissions.subscribe = channels(list)?,
+                Some(("publish", list)) => permissions.publish = channels(list)?,
+                None if word == "stream-info" => permissions.stream_info = true,
+                _ => {
+                    return Err(format!(
+                        "{word:?} (use subscribe=…, publish=… or stream-info)"
+                    ))
+                }
+            }
+        }
+        Ok(if any { permissions } else { Permissions::all() })
+    }
+}
+
+/// The accepted tokens, as digests, with what each may do.
 #[derive(Debug, Default)]
 pub struct TokenSet {
-    digests: Vec<[u8; 32]>,
+    entries: Vec<([u8; 32], Permissions)>,
 }
 
 impl TokenSet {
+    /// Parses a token file; lines it cannot use are skipped with a warning
+    /// that names the line (never the token).
     pub fn parse(text: &str) -> TokenSet {
-        let digests = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(|token| Sha256::digest(token.as_bytes()).into())
-            .collect();
-        TokenSet { digests }
+        let mut entries = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let Some(token) = words.next() else { continue };
+            match Permissions::parse(words) {
+                Ok(permissions) => {
+                    entries.push((Sha256::digest(token.as_bytes()).into(), permissions))
+                }
+                Err(problem) => tracing::warn!(
+                    line = number + 1,
+                    "auth token file: line skipped, cannot use {problem}"
+                ),
+            }
+        }
+        TokenSet { entries }
     }
 
     pub fn len(&self) -> usize {
-        self.digests.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.entries.is_empty()
     }
 
-    /// Constant time in the token's contents: every entry is compared.
-    pub fn accepts(&self, token: &str) -> bool {
+    /// The permissions of `token`, if it is known. Constant time in the
+    /// token's contents: every entry is compared.
+    pub fn permissions(&self, token: &str) -> Option<&Permissions> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let matched = self
-            .digests
-            .iter()
-            .fold(Choice::from(0), |found, known| found | known.ct_eq(&digest));
-        matched.into()
+        let mut found = Choice::from(0);
+        let mut index = 0u32;
+        for (position, (known, _)) in self.entries.iter().enumerate() {
+            let matched = known.ct_eq(&digest);
+            index = u32::conditional_select(&index, &(position as u32), matched);
+            found |= matched;
+        }
+        bool::from(found).then(|| &self.entries[index as usize].1)
+    }
+
+    pub fn accepts(&self, token: &str) -> bool {
+        self.permissions(token).is_some()
     }
 }
 
@@ -130,7 +236,7 @@ impl TokenStore {
 }
 
 /// Why a request was refused; the message tells the client what to send.
-fn check(tokens: &TokenSet, header: Option<&http::HeaderValue>) -> Result<(), Status> {
+fn check(tokens: &TokenSet, header: Option<&http::HeaderValue>) -> Result<Permissions, Status> {
     let Some(header) = header else {
         return Err(Status::unauthenticated(
             "missing credentials: send the header 'authorization: Bearer <token>'",
@@ -145,10 +251,10 @@ fn check(tokens: &TokenSet, header: Option<&http::HeaderValue>) -> Result<(), St
             ))
         }
     };
-    match tokens.accepts(token) {
-        true => Ok(()),
-        false => Err(Status::unauthenticated("invalid bearer token")),
-    }
+    tokens
+        .permissions(token)
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("invalid bearer token"))
 }
 
 #[derive(Clone, Debug)]
@@ -197,15 +303,14 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if let Some(store) = &self.store {
-            if !request.uri().path().starts_with(PUBLIC_PREFIX) {
-                let tokens = store.tokens();
-                if let Err(status) =
-                    check(&tokens, request.headers().get(http::header::AUTHORIZATION))
-                {
-                    return Box::pin(async move { Ok(status.into_http()) });
+            let tokens = store.tokens();
+            match check(&tokens, request.headers().get(http::header::AUTHORIZATION)) {
+                Ok(permissions) => {
+                    request.extensions_mut().insert(permissions);
                 }
+                Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
             }
         }
         let response = self.inner.call(request);
@@ -235,8 +340,34 @@ mod tests {
         assert!(check(&set, Some(&header("Bearer s3cret"))).is_ok());
         assert!(check(&set, Some(&header("bearer s3cret"))).is_ok());
         let missing = check(&set, None).expect_err("missing");
+        assert_eq!(
+            check(&set, Some(&header("Bearer s3cret"))).expect("known"),
+            Permissions::all()
+        );
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
         assert!(check(&set, Some(&header("Basic s3cret"))).is_err());
         assert!(check(&set, Some(&header("Bearer wrong"))).is_err());
+    }
+
+    #[test]
+    fn token_lines_may_restrict_what_a_token_does() {
+        let set = TokenSet::parse(
+            "reader subscribe=7,1,2 stream-info\nwriter publish=7\nops subscribe=* publish=*\nbad subscribe=x\nodd frobnicate\n",
+        );
+        assert_eq!(set.len(), 3, "unusable lines are skipped");
+        let reader = set.permissions("reader").expect("reader");
+        assert!(reader.subscribe.permits(2) && !reader.subscribe.permits(3));
+        assert_eq!(reader.publish, Allowed::Nothing);
+        assert!(reader.stream_info);
+        let writer = set.permissions("writer").expect("writer");
+        assert!(writer.publish.permits(7) && !writer.publish.permits(8));
+        assert_eq!(writer.subscribe, Allowed::Nothing);
+        assert!(!writer.stream_info);
+        let ops = set.permissions("ops").expect("ops");
+        assert_eq!(
+            (&ops.subscribe, &ops.publish, ops.stream_info),
+            (&Allowed::All, &Allowed::All, false)
+        );
+        assert!(set.permissions("bad").is_none() && set.permissions("nobody").is_none());
     }
 }

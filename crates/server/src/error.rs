@@ -35,6 +35,8 @@ pub enum ServiceError {
     PayloadTooLong { length: usize, max: u32 },
     #[error("packet is HMAC-flagged but this server has no HMAC key (--hmac-key-file); packets before it were accepted")]
     HmacNotConfigured,
+    #[error("this token may not {0} (its line in --auth-token-file says what it may do)")]
+    PermissionDenied(String),
     #[error("the server is shutting down; reconnect to another replica or retry")]
     ShuttingDown,
     #[error("packets could not be stored in the cluster stream: {0}; packets before them were accepted, retry the rest")]
@@ -52,6 +54,7 @@ impl ServiceError {
             ServiceError::RequestTimeout(_) => Some("request_timeout"),
             ServiceError::PublishIdle(_) => Some("publish_idle"),
             ServiceError::PublishDisplaced => Some("publish_displaced"),
+            ServiceError::PermissionDenied(_) => Some("permission_denied"),
             _ => None,
         }
     }
@@ -82,6 +85,7 @@ impl From<ServiceError> for Status {
             ServiceError::RequestTimeout(_) | ServiceError::PublishIdle(_) => {
                 Code::DeadlineExceeded
             }
+            ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::ShuttingDown | ServiceError::Cluster(_) => Code::Unavailable,
         };
         Status::new(code, error.to_string())
@@ -155,6 +159,10 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (ServiceError::HmacNotConfigured, Code::FailedPrecondition),
+            (
+                ServiceError::PermissionDenied("publish to channel 3".into()),
+                Code::PermissionDenied,
+            ),
             (ServiceError::ShuttingDown, Code::Unavailable),
         ];
         for (error, code) in cases {

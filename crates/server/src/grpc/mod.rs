@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, transport::server::TcpConnectInfo, Status};
 
 use crate::{
+    auth::{Allowed, Permissions},
     cluster::Cluster,
     connections::{Activity, ConnectionSlots},
     error::ServiceError,
@@ -134,6 +135,7 @@ impl PacketsService {
             return Err(ServiceError::ShuttingDown.into());
         }
         let peer = peer(&request);
+        let permissions = request.extensions().get::<Permissions>().cloned();
         let close_connection = request
             .extensions()
             .get::<Arc<Activity>>()
@@ -154,7 +156,27 @@ impl PacketsService {
                 current: self.identity.id.to_string(),
             }));
         }
-        let filter = ChannelFilter::new(request.channels);
+        let channels = match permissions.map(|permissions| permissions.subscribe) {
+            None | Some(Allowed::All) => request.channels,
+            Some(Allowed::Nothing) => {
+                return Err(refused(ServiceError::PermissionDenied("subscribe".into())))
+            }
+            // No filter means every channel the token may read.
+            Some(Allowed::Only(allowed)) if request.channels.is_empty() => allowed.to_vec(),
+            Some(Allowed::Only(allowed)) => {
+                if let Some(channel) = request
+                    .channels
+                    .iter()
+                    .find(|channel| allowed.binary_search(channel).is_err())
+                {
+                    return Err(refused(ServiceError::PermissionDenied(format!(
+                        "subscribe to channel {channel}"
+                    ))));
+                }
+                request.channels
+            }
+        };
+        let filter = ChannelFilter::new(channels);
         let count = filter.channels().map_or(0, <[u32]>::len);
         if count > self.max_filter_channels {
             return Err(refused(ServiceError::FilterTooLarge {
@@ -222,6 +244,13 @@ impl PacketsService {
         if self.draining.is_cancelled() {
             return self.refuse(ServiceError::ShuttingDown);
         }
+        let allowed = request
+            .extensions()
+            .get::<Permissions>()
+            .map_or(Allowed::All, |permissions| permissions.publish.clone());
+        if allowed == Allowed::Nothing {
+            return self.refuse(ServiceError::PermissionDenied("publish".into()));
+        }
         let Some(slot) = self.publishers.try_admit(PUBLISHER_EVICTION_WAIT).await else {
             return self.refuse(ServiceError::TooManyPublishers {
                 limit: self.publishers.limit(),
@@ -243,7 +272,7 @@ impl PacketsService {
         )
         .with_budget(&self.producer.budget, close);
         let outcome = self
-            .run_publish(reader, Arc::from(source), slot.activity())
+            .run_publish(reader, Arc::from(source), slot.activity(), &allowed)
             .await;
         drop(slot);
         self.metrics.publishers.dec();
@@ -270,6 +299,7 @@ impl PacketsService {
         mut reader: MessageReader,
         source: Arc<str>,
         activity: &Arc<Activity>,
+        allowed: &Allowed,
     ) -> Result<crate::producer::ProducerTotals, Status> {
         let mut producer = Producer::new(&self.producer, source);
         let mut refusal: Option<Status> = None;
@@ -310,7 +340,14 @@ impl PacketsService {
                     while let Some(message) = next.take() {
                         match message.and_then(|message| message.ok_or(Status::ok(""))) {
                             Ok(message) => match framing::decode::<PublishRequest>(message)
-                                .and_then(|request| self.frame_from(request).map_err(Status::from))
+                                .and_then(|request| {
+                                    self.frame_from(request, allowed).map_err(|error| {
+                                        if let Some(reason) = error.refusal_reason() {
+                                            self.metrics.requests_refused.inc(reason);
+                                        }
+                                        Status::from(error)
+                                    })
+                                })
                             {
                                 Ok(frame) => {
                                     bytes += frame.wire_len();
@@ -357,6 +394,13 @@ impl PacketsService {
     }
 
     pub async fn stream_info(&self, request: http::Request<Body>) -> http::Response<Body> {
+        if request
+            .extensions()
+            .get::<Permissions>()
+            .is_some_and(|permissions| !permissions.stream_info)
+        {
+            return self.refuse(ServiceError::PermissionDenied("call StreamInfo".into()));
+        }
         let mut reader =
             MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields");
         if let Err(status) = read_unary::<crate::pb::StreamInfoRequest>(&mut reader).await {
@@ -396,7 +440,17 @@ impl PacketsService {
     }
 
     /// Turns a request into the frame a TCP producer would have sent.
-    fn frame_from(&self, request: PublishRequest) -> Result<Frame, ServiceError> {
+    fn frame_from(
+        &self,
+        request: PublishRequest,
+        allowed: &Allowed,
+    ) -> Result<Frame, ServiceError> {
+        if !allowed.permits(request.channel) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "publish to channel {}; packets before it were accepted",
+                request.channel
+            )));
+        }
         if request.payload.len() > self.max_payload as usize {
             return Err(ServiceError::PayloadTooLong {
                 length: request.payload.len(),
