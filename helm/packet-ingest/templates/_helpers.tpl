@@ -146,6 +146,24 @@ empty when the format is not one of those (the check is then skipped).
 {{- if or .Values.clusterNats.url .Values.clusterNats.existingSecret }}true{{ end }}
 {{- end }}
 
+{{/* The StatefulSet's governing (headless) Service, persistence only. */}}
+{{- define "packet-ingest.headlessServiceName" -}}
+{{- printf "%s-headless" (include "packet-ingest.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+--slow-subscriber as the chart passes it: config.slowSubscriber, or when that
+is empty the binary's own default for the mode, written out: catch-up with
+persistence (the durable stream), gap without.
+*/}}
+{{- define "packet-ingest.slowSubscriber" -}}
+{{- if .Values.config.slowSubscriber }}
+{{- .Values.config.slowSubscriber }}
+{{- else }}
+{{- ternary "catch-up" "gap" (.Values.persistence.enabled | default false) }}
+{{- end }}
+{{- end }}
+
 {{/*
 The fewest replicas the Deployment runs: autoscaling.minReplicas with the
 HPA, replicaCount otherwise.
@@ -224,7 +242,8 @@ successThreshold: {{ $p.successThreshold }}
 {{- end }}
 
 {{/*
-Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
+Checks that the schema cannot express. Rendered (empty) by deployment.yaml,
+whichever workload (Deployment or StatefulSet) is rendered.
 */}}
 {{- define "packet-ingest.validate" -}}
 {{- $v := .Values }}
@@ -258,6 +277,51 @@ Checks that the schema cannot express. Rendered (empty) by deployment.yaml.
 {{- end }}
 {{- if not (regexMatch "^[^\\s.*>/\\\\]+$" (toString $nats.stream)) }}
 {{- fail (printf "clusterNats.stream %q is not a JetStream stream name (non-empty, without whitespace, '.', '*', '>', '/' or '\\')" (toString $nats.stream)) }}
+{{- end }}
+{{- /* The durable stream: one pod owns the log; checked before the cluster
+rules so that these refusals name persistence. */}}
+{{- $p := $v.persistence }}
+{{- if $p.enabled }}
+{{- $oneLog := "with persistence each replica would keep its own log on its own volume, with its own sequence numbers, history and stream id (and the binary locks its directory, one process per log), so subscribers would see different streams" }}
+{{- if include "packet-ingest.clusterNatsEnabled" . }}
+{{- fail "persistence.enabled cannot be used with clusterNats: in cluster mode NATS JetStream keeps the stream, and packet-ingest refuses --data-dir with --cluster-nats. Use one or the other" }}
+{{- end }}
+{{- if gt ($v.replicaCount | int) 1 }}
+{{- fail (printf "replicaCount %d cannot be used with persistence.enabled (use 0 or 1): %s" ($v.replicaCount | int) $oneLog) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail (printf "autoscaling.enabled cannot be used with persistence.enabled: %s" $oneLog) }}
+{{- end }}
+{{- if and (not $p.existingClaim) (not (has "ReadWriteOnce" $p.accessModes)) (not (has "ReadWriteOncePod" $p.accessModes)) (not (has "ReadWriteMany" $p.accessModes)) }}
+{{- fail (printf "persistence.accessModes %v cannot be written to: include ReadWriteOnce (the default), ReadWriteOncePod or ReadWriteMany" $p.accessModes) }}
+{{- end }}
+{{- if not (regexMatch "^/[^\\s]*$" (toString $p.mountPath)) }}
+{{- fail (printf "persistence.mountPath %q must be an absolute path" (toString $p.mountPath)) }}
+{{- end }}
+{{- if has (trimSuffix "/" (toString $p.mountPath)) (list "" "/tmp" (include "packet-ingest.secretsDir" .)) }}
+{{- fail (printf "persistence.mountPath %q is taken (/, /tmp and %s are mounted by the chart)" (toString $p.mountPath) (include "packet-ingest.secretsDir" .)) }}
+{{- end }}
+{{- if gt (len (include "packet-ingest.fullname" .)) 52 }}
+{{- fail (printf "with persistence.enabled the release's full name %q must be at most 52 characters: the StatefulSet controller labels its pods with the name plus an 11-character revision hash, 63 characters at most (set fullnameOverride)" (include "packet-ingest.fullname" .)) }}
+{{- end }}
+{{- $fsyncMs := include "packet-ingest.durationMillis" (list "config.fsyncInterval" $v.config.fsyncInterval) | int }}
+{{- if le $fsyncMs 0 }}
+{{- fail "config.fsyncInterval must be more than 0" }}
+{{- end }}
+{{- $_ := include "packet-ingest.durationMillis" (list "config.retentionAge" $v.config.retentionAge) }}
+{{- if lt ($v.config.segmentBytes | int64) 1048576 }}
+{{- fail "config.segmentBytes must be at least 1 MiB (1048576)" }}
+{{- end }}
+{{- $size := "" }}
+{{- if not $p.existingClaim }}
+{{- $size = include "packet-ingest.quantityBytes" $p.size }}
+{{- end }}
+{{- $retained := add ($v.config.retentionBytes | int64) ($v.config.segmentBytes | int64) }}
+{{- if and $size (gt ($v.config.retentionBytes | int64) 0) (gt ($retained | int64) ($size | int64)) }}
+{{- fail (printf "config.retentionBytes + config.segmentBytes (%d bytes) must fit in persistence.size (%s = %s bytes): retention deletes whole segments and never the one being written, so the log grows to about that much; a full volume stops ingest" ($retained | int64) (toString $p.size) $size) }}
+{{- end }}
+{{- else if eq (toString $v.config.slowSubscriber) "catch-up" }}
+{{- fail "config.slowSubscriber catch-up needs persistence.enabled: a slow subscriber catches up by reading the log on the volume, and without --data-dir packet-ingest refuses catch-up. Use gap, disconnect or block, or leave it empty (gap in memory mode)" }}
 {{- end }}
 {{- /* Several replicas only make sense when they share one stream. */}}
 {{- $noSharing := "without cluster mode each replica is its own hub with its own sequence numbers, history and subscribers, so a subscriber would see only the packets that reached its own replica. Set clusterNats.url (or clusterNats.existingSecret) to a NATS server with JetStream, e.g. `helm install nats nats/nats --set config.jetstream.enabled=true` and clusterNats.url=nats://nats:4222" }}
