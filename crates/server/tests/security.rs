@@ -12,7 +12,9 @@ use packet_ingest::{
     pb::{packets_client::PacketsClient, PublishRequest, SubscribeRequest},
 };
 use packet_ingest_protocol::{
-    client::{grpc_channel, make_frame, tls_connector, BearerToken, TlsClientArgs},
+    client::{
+        grpc_channel, make_frame, publish_request, tls_connector, BearerToken, TlsClientArgs,
+    },
     digest::hmac_digest,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -290,6 +292,114 @@ async fn bearer_tokens_missing_wrong_right_and_rotation() {
         .await
         .expect_err("old token");
     assert_eq!(old.code(), Code::Unauthenticated);
+}
+
+fn authed_client(
+    channel: tonic::transport::Channel,
+    token: &str,
+) -> PacketsClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+> {
+    PacketsClient::with_interceptor(channel, BearerToken::new(Some(token)).expect("token"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_permissions_limit_channels_and_calls() {
+    let dir = Dir::new("permissions");
+    let file = dir.write(
+        "tokens",
+        "reader subscribe=1,2 stream-info\nwriter publish=7\nadmin\n",
+    );
+    let server = start(&["--auth-token-file", &file]).await;
+    let channel = grpc_channel(&server.grpc_addr.to_string(), &TlsClientArgs::default())
+        .await
+        .expect("connect");
+    let mut reader = authed_client(channel.clone(), "reader");
+    let mut writer = authed_client(channel.clone(), "writer");
+    let mut admin = authed_client(channel, "admin");
+
+    // The reader: its channels only; no filter means its channels.
+    let outside = reader
+        .subscribe(SubscribeRequest {
+            channels: vec![1, 3],
+            ..Default::default()
+        })
+        .await
+        .expect_err("channel 3 is not the reader's");
+    assert_eq!(outside.code(), Code::PermissionDenied);
+    assert!(
+        outside.message().contains("channel 3"),
+        "{}",
+        outside.message()
+    );
+    let mut mine = reader
+        .subscribe(SubscribeRequest::default())
+        .await
+        .expect("no filter: the reader's channels")
+        .into_inner();
+    reader
+        .stream_info(packet_ingest::pb::StreamInfoRequest {})
+        .await
+        .expect("the reader may call StreamInfo");
+    let denied = reader
+        .publish(futures::stream::iter([publish_request(&make_frame(
+            Channel(1),
+            Bytes::from_static(b"x"),
+            None,
+        ))]))
+        .await
+        .expect_err("the reader may not publish");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // The writer: channel 7 only; the packets before a refused one stay.
+    let frames = [7u32, 7, 8].map(|channel| {
+        publish_request(&make_frame(
+            Channel(channel),
+            Bytes::from_static(b"w"),
+            None,
+        ))
+    });
+    let refused = writer
+        .publish(futures::stream::iter(frames))
+        .await
+        .expect_err("channel 8 is not the writer's");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let no_info = writer
+        .stream_info(packet_ingest::pb::StreamInfoRequest {})
+        .await
+        .expect_err("the writer may not call StreamInfo");
+    assert_eq!(no_info.code(), Code::PermissionDenied);
+    let info = admin
+        .stream_info(packet_ingest::pb::StreamInfoRequest {})
+        .await
+        .expect("a bare token may do everything")
+        .into_inner();
+    assert_eq!(
+        info.next_sequence, 3,
+        "the writer's two packets on channel 7 went in"
+    );
+
+    // What the reader's unfiltered stream gets: channels 1 and 2 only.
+    let sent = admin
+        .publish(futures::stream::iter([1u32, 5, 2].map(|channel| {
+            publish_request(&make_frame(
+                Channel(channel),
+                Bytes::from_static(b"a"),
+                None,
+            ))
+        })))
+        .await
+        .expect("admin publishes anywhere")
+        .into_inner();
+    assert_eq!(sent.accepted, 3);
+    let (packets, _) = collect(&mut mine, 2).await;
+    assert_eq!(
+        packets
+            .iter()
+            .map(|packet| packet.channel)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
 }
 
 fn hmac_frame_bytes(key: &[u8], channel: u32, payload: &'static [u8]) -> bytes::BytesMut {
