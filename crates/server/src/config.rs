@@ -111,6 +111,15 @@ pub struct ServeArgs {
     /// `https://app.example.com`; repeat or comma-separate; `*` allows any. None by default.
     #[arg(long, env = "PACKET_INGEST_CORS_ORIGIN", value_delimiter = ',', value_parser = parse_cors_origin)]
     pub cors_origin: Vec<String>,
+    /// Message compression the gRPC port offers (gzip, zstd), comma-separated;
+    /// off by default. Clients opt in per call (grpc-accept-encoding).
+    #[arg(
+        long,
+        env = "PACKET_INGEST_COMPRESSION",
+        value_delimiter = ',',
+        value_enum
+    )]
+    pub compression: Vec<crate::compression::Encoding>,
     /// Channels one Subscribe filter may name; more get INVALID_ARGUMENT.
     #[arg(long, env = "PACKET_INGEST_MAX_FILTER_CHANNELS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_filter_channels: u32,

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub log_first_sequence: Gauge,
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
+    /// `--compression`: messages and bytes in and out, per encoding.
+    pub compression: crate::compression::CompressionMetrics,
     pub verify_seconds: Histogram,
     /// Pre-resolved `rejected{reason}` handles, in `Rejection::ALL` order.
     pub rejection_handles: [(Counter, Counter); 2],
@@ -251,6 +253,8 @@ impl Metrics {
             "requests_refused",
             "RPCs refused or ended by a limit, by reason",
         );
+        let compression = crate::compression::CompressionMetrics::default();
+        compression.register(&mut registry);
         let verify_seconds = Histogram::new(exponential_buckets(1e-6, 4.0, 12));
         registry.register(
             "verify_batch_seconds",
@@ -302,6 +306,7 @@ impl Metrics {
             log_segments,
             log_first_sequence,
             requests_refused,
+            compression,
             verify_seconds,
             rejection_handles,
         })

@@ -234,6 +234,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         publish_idle_timeout: args.publish_idle_timeout,
         heartbeat: args.heartbeat,
         max_payload: args.max_payload,
+        compression: crate::compression::Compression::new(&args.compression),
         draining: phases.draining.clone(),
     });
     let routes = GrpcRoutes::new(

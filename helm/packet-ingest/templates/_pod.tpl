@@ -95,6 +95,10 @@ spec:
         - name: PACKET_INGEST_CORS_ORIGIN
           value: {{ join "," . | quote }}
         {{- end }}
+        {{- with $c.compression }}
+        - name: PACKET_INGEST_COMPRESSION
+          value: {{ join "," . | quote }}
+        {{- end }}
         - name: PACKET_INGEST_SUBSCRIBER_BUFFER
           value: {{ $c.subscriberBuffer | int64 | quote }}
         - name: PACKET_INGEST_HISTORY

@@ -37,6 +37,7 @@ use tonic::{body::Body, transport::server::TcpConnectInfo, Status};
 use crate::{
     auth::{Allowed, Permissions},
     cluster::Cluster,
+    compression::{Compression, Encoding},
     connections::{Activity, ConnectionSlots},
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
@@ -83,6 +84,8 @@ pub struct PacketsService {
     pub publish_idle_timeout: Duration,
     pub heartbeat: Duration,
     pub max_payload: u32,
+    /// `--compression`: the encodings offered.
+    pub compression: Compression,
     /// Fired when shutdown starts: new streams are refused.
     pub draining: CancellationToken,
 }
@@ -101,6 +104,7 @@ impl PacketsService {
         if let Ok(value) = HeaderValue::from_str(&self.identity.id) {
             headers.insert(STREAM_ID_HEADER, value);
         }
+        headers.insert("grpc-accept-encoding", self.compression.accept_header());
         headers
     }
 
@@ -118,7 +122,13 @@ impl PacketsService {
 
     pub async fn subscribe(&self, request: http::Request<Body>) -> http::Response<Body> {
         match self.start_subscription(request).await {
-            Ok(stream) => framing::response(self.headers(), stream),
+            Ok((stream, encoding)) => {
+                let mut headers = self.headers();
+                if let Some(encoding) = encoding {
+                    headers.insert("grpc-encoding", HeaderValue::from_static(encoding.name()));
+                }
+                framing::response(headers, stream)
+            }
             Err(status) => framing::refusal(status, self.headers()),
         }
     }
@@ -126,7 +136,7 @@ impl PacketsService {
     async fn start_subscription(
         &self,
         request: http::Request<Body>,
-    ) -> Result<MessageStream, Status> {
+    ) -> Result<(MessageStream, Option<Encoding>), Status> {
         let refused = |error: ServiceError| -> Status {
             if let Some(reason) = error.refusal_reason() {
                 self.metrics.requests_refused.inc(reason);
@@ -142,11 +152,14 @@ impl PacketsService {
             .extensions()
             .get::<Arc<Activity>>()
             .map(|activity| activity.closer());
+        let request_encoding = self.compression.request_encoding(request.headers())?;
+        let response_encoding = self.compression.response_encoding(request.headers());
         let mut reader = MessageReader::new(
             request.into_body(),
             self.max_subscribe_request(),
             "a Subscribe request names at most --max-filter-channels channels",
-        );
+        )
+        .with_encoding(request_encoding);
         let request: SubscribeRequest = read_unary(&mut reader).await.inspect_err(|status| {
             if status.code() == tonic::Code::InvalidArgument {
                 self.metrics.requests_refused.inc("malformed_request");
@@ -206,7 +219,7 @@ impl PacketsService {
                     tokio::time::timeout(CLUSTER_CATCH_UP, self.hub.wait_for_sequence(from)).await;
             }
         }
-        let subscription = self
+        let mut subscription = self
             .hub
             .subscribe_with(SubscribeOptions {
                 filter,
@@ -215,6 +228,9 @@ impl PacketsService {
                 close_connection,
             })
             .map_err(|error| Status::from(ServiceError::from(error)))?;
+        if response_encoding.is_some() {
+            subscription.deliver_whole_batches();
+        }
         // Cluster mode: what the local history no longer holds comes from JetStream first.
         let replay = match (&self.cluster, request.from_sequence) {
             (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => {
@@ -237,9 +253,15 @@ impl PacketsService {
             Some(replay) => replay.chain(live).boxed(),
             None => live.boxed(),
         };
-        Ok(Box::pin(stream.map(|delivery| {
-            delivery.map(|delivery| delivery.into_chunks().collect())
-        })))
+        let metrics = Arc::clone(&self.metrics);
+        let messages = stream.map(move |delivery| {
+            delivery.map(|delivery| {
+                delivery.into_message(
+                    response_encoding.map(|encoding| (encoding, &metrics.compression)),
+                )
+            })
+        });
+        Ok((Box::pin(messages), response_encoding))
     }
 
     pub async fn publish(&self, request: http::Request<Body>) -> http::Response<Body> {
@@ -252,7 +274,8 @@ impl PacketsService {
             self.max_payload as usize + 64 * 1024,
             "a Publish payload is at most --max-payload bytes",
         )
-        .with_budget(&self.producer.budget, publisher.close);
+        .with_budget(&self.producer.budget, publisher.close)
+        .with_encoding(publisher.encoding);
         let outcome = self
             .run_publish(
                 reader,
@@ -279,7 +302,8 @@ impl PacketsService {
             self.max_payload as usize + 64 * 1024,
             "a PublishBatch request is at most --max-payload + 64 KiB",
         )
-        .with_budget(&self.producer.budget, publisher.close);
+        .with_budget(&self.producer.budget, publisher.close)
+        .with_encoding(publisher.encoding);
         let outcome = match read_unary::<PublishBatchRequest>(&mut reader).await {
             Ok(batch) => {
                 let charge = reader.charge_for_taken();
@@ -309,6 +333,10 @@ impl PacketsService {
         if allowed == Allowed::Nothing {
             return Err(self.refuse(ServiceError::PermissionDenied("publish".into())));
         }
+        let encoding = self
+            .compression
+            .request_encoding(request.headers())
+            .map_err(|status| framing::refusal(status, self.headers()))?;
         let source: Arc<str> = match peer(&request) {
             Some(addr) => Arc::from(format!("grpc/{addr}")),
             None => Arc::from("grpc/unknown"),
@@ -328,6 +356,7 @@ impl PacketsService {
             allowed,
             source,
             close,
+            encoding,
             body: request.into_body(),
         })
     }
@@ -529,8 +558,13 @@ impl PacketsService {
         {
             return self.refuse(ServiceError::PermissionDenied("call StreamInfo".into()));
         }
+        let encoding = match self.compression.request_encoding(request.headers()) {
+            Ok(encoding) => encoding,
+            Err(status) => return framing::refusal(status, self.headers()),
+        };
         let mut reader =
-            MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields");
+            MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields")
+                .with_encoding(encoding);
         if let Err(status) = read_unary::<crate::pb::StreamInfoRequest>(&mut reader).await {
             return framing::refusal(status, self.headers());
         }
@@ -608,6 +642,8 @@ struct Publisher {
     source: Arc<str>,
     /// Fires when the connection is to close (evicted, holding memory).
     close: CancellationToken,
+    /// The request's `grpc-encoding`.
+    encoding: Option<Encoding>,
     body: Body,
 }
 
