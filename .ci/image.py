@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -418,8 +419,8 @@ def run_container(checks, layout, tag, config):
     container.write_spec(entrypoint, ["PACKET_INGEST_LOG_FORMAT=json", "RUST_LOG=info"])
     log = WORK / "serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen(["runc", "--root", str(container.state), "run", "--bundle", str(bundle), container.name],
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        argv = ["runc", "--root", str(container.state), "run", "--bundle", str(bundle), container.name]
+        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         fields = cilib.wait_listening(log, lambda: server.poll() is None, 30)
         if fields is None:
@@ -432,11 +433,14 @@ def run_container(checks, layout, tag, config):
         status = Path(f"/proc/{state['pid']}/status").read_text()
         uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)
         gid = re.search(r"^Gid:\s+(\d+)", status, re.M).group(1)
-        checks.check(f"{uid}:{gid}" == config["User"], f"the server runs as {uid}:{gid}")
+        capabilities = re.search(r"^CapEff:\s+(\w+)", status, re.M).group(1)
+        checks.check(f"{uid}:{gid}" == config["User"] and int(capabilities, 16) == 0,
+                     f"the server runs as {uid}:{gid} with no capabilities (CapEff {capabilities})")
         dns = subprocess.Popen(["nsenter", f"--net=/proc/{state['pid']}/ns/net", sys.executable, __file__,
                                 "dns", DNS_NAME, "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            if dns.stdout.readline().strip() != "ready":
+            started = select.select([dns.stdout], [], [], 10)[0] and dns.stdout.readline().strip() == "ready"
+            if not started:
                 raise Fatal(f"the DNS responder did not start: {dns.stderr.read()[-400:]}")
             how = {"127.0.0.1:50051": "by IP", f"{HOSTNAME}:50051": "from /etc/hosts",
                    f"{SHORT_NAME}:50051": "through DNS, the search list and resolv.conf"}
