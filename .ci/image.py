@@ -14,6 +14,10 @@
   tagged with what the chart deploys by default (``image.tag``, else the
   chart's appVersion). The Containerfile's build stage must use the same
   cargo environment and arguments as this script, so the two stay one image.
+- Equivalence and reproducibility: the same runtime stage through ``buildah
+  build`` (what ``podman build`` runs), after a stand-in build stage holding
+  this script's files at the same paths, must give the same layer digest and
+  config; committing twice must give the same manifest digest.
 - Its config against the chart and the workspace: numeric non-root user equal
   to the chart's runAsUser/runAsGroup, the entrypoint, the exposed ports equal
   to the chart's containerPorts, the OCI labels (version = workspace version =
@@ -282,6 +286,46 @@ def build_image(checks, runtime, layout, tag):
                   f"runtime stage in {time.monotonic() - started:.0f}s")
 
 
+def build_with_bud(checks, containerfile, build_args, layout, tag):
+    """The Containerfile's runtime stage as `buildah build` (podman build)
+    reads it, after a stand-in build stage holding this script's files at the
+    same paths: the same layer and config as build_image's, or the script has
+    drifted from the Containerfile."""
+    context = WORK / "bud"
+    shutil.rmtree(context, ignore_errors=True)
+    context.mkdir(parents=True)
+    stand_in = ["FROM scratch AS build"]
+    for number, (path, host) in enumerate(BUILD_STAGE_PATHS.items()):
+        name = f"f{number}"
+        if path.endswith("/"):
+            shutil.copytree(host(), context / name)
+            name += "/"
+        else:
+            shutil.copy2(host(), context / name)
+        stand_in.append(f"COPY {name} {path}")
+    lines = containerfile.splitlines()
+    last_from = max(i for i, line in enumerate(lines) if line.strip().upper().startswith("FROM "))
+    (context / "Containerfile").write_text("\n".join(stand_in + lines[last_from:]) + "\n")
+    args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    buildah("build", "--timestamp", source_date_epoch(), *args, "-f", context / "Containerfile",
+            "-t", "localhost/packet-ingest-bud", context)
+    buildah("push", "localhost/packet-ingest-bud", f"oci:{layout}:{tag}")
+    return image_parts(layout)
+
+
+def image_parts(layout):
+    """(layer digests, config without history) of the image in `layout`."""
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(blob(layout, index["manifests"][0]["digest"]))
+    config = json.loads(blob(layout, manifest["config"]["digest"]))
+    config.pop("history", None)
+    # buildah build gives an image FROM scratch the default PATH; the image
+    # has nothing to find on it.
+    if config["config"].get("Env") == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]:
+        del config["config"]["Env"]
+    return [layer["digest"] for layer in manifest["layers"]], config
+
+
 def manifest_digest(layout):
     return json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
 
@@ -535,7 +579,8 @@ def main(checks):
     import yaml
 
     want = expectations(yaml)
-    runtime = Runtime(CONTAINERFILE.read_text(), {"VERSION": want["version"], "REVISION": want["labels"]["revision"]})
+    build_args = {"VERSION": want["version"], "REVISION": want["labels"]["revision"]}
+    runtime = Runtime(CONTAINERFILE.read_text(), build_args)
     checks.check(want["version"] == want["app_version"] == runtime.arg_defaults.get("VERSION"),
                  f"one version: workspace {want['version']}, chart appVersion {want['app_version']}, "
                  f"Containerfile ARG VERSION {runtime.arg_defaults.get('VERSION')}")
@@ -547,7 +592,7 @@ def main(checks):
     checks.check(not missing, "the Containerfile's build stage uses this script's cargo environment and arguments",
                  f"missing: {missing}")
 
-    for stale in ("storage", "run", "oci", "oci-again", "bundle", "stage", "runc"):
+    for stale in ("storage", "run", "oci", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc"):
         shutil.rmtree(WORK / stale, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
 
@@ -561,10 +606,20 @@ def main(checks):
     checks.check(manifest_digest(again) == manifest_digest(layout),
                  f"built twice, the same manifest digest ({manifest_digest(layout)})",
                  f"second build: {manifest_digest(again)}")
+    bud = build_with_bud(checks, CONTAINERFILE.read_text(), build_args, WORK / "oci-bud", want["tag"])
+    ours = image_parts(layout)
+    checks.check(bud[0] == ours[0], f"buildah build of the Containerfile's runtime stage: the same layer ({ours[0]})",
+                 f"buildah build: {bud[0]}")
+    checks.check(bud[1] == ours[1], "buildah build of the Containerfile's runtime stage: the same config",
+                 "\n".join(f"{key}: buildah build {bud[1]['config'].get(key)!r}, "
+                           f"this script {ours[1]['config'].get(key)!r}"
+                           for key in {**bud[1]["config"], **ours[1]["config"]}
+                           if bud[1]["config"].get(key) != ours[1]["config"].get(key))
+                 or f"buildah build: {json.dumps(bud[1])[:500]}\nthis script: {json.dumps(ours[1])[:500]}")
     config = check_config(checks, layout, want["tag"], want)
     run_container(checks, layout, want["tag"], config)
     if not os.environ.get("KEEP_WORK"):
-        for scratch in ("storage", "run", "oci-again", "bundle", "stage", "runc"):
+        for scratch in ("storage", "run", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc"):
             shutil.rmtree(WORK / scratch, ignore_errors=True)
 
 
