@@ -27,12 +27,14 @@
 - The image run as a container: ``umoci unpack`` makes a runtime bundle (the
   image's root filesystem and a runtime config from its config), and runc
   runs it as the chart runs the pod (read-only root, no capabilities, no new
-  privileges) with an empty ``/etc`` but for a runtime-provided hosts file, in
-  its own network namespace: ``packet-ingest --help``; then the entrypoint
-  with no arguments serves on the image's ports, ``packet-ingest health``
-  (run inside the container, by IP and by a hostname from the hosts file)
-  answers SERVING, the server runs as the image's user, and ``runc kill TERM``
-  stops it with status 0.
+  privileges) with an empty ``/etc`` but for the hosts file and resolv.conf a
+  runtime provides, in its own network namespace: ``packet-ingest --help``;
+  then the entrypoint with no arguments serves on the image's ports as the
+  image's user with no capabilities, ``packet-ingest health`` run inside the
+  container answers SERVING by IP, by a name from the hosts file, and by a
+  short Service name through the search list and a name server started in the
+  container's network namespace (the static glibc resolves names), and
+  ``runc kill TERM`` stops the server (pid 1) with status 0.
 
 Needs cargo, buildah, umoci and runc (Debian packages; ``.ci/run`` installs
 them) and root (runc, chown in the image). PyYAML for the chart's values comes
@@ -286,7 +288,7 @@ def build_image(checks, runtime, layout, tag):
                   f"runtime stage in {time.monotonic() - started:.0f}s")
 
 
-def build_with_bud(checks, containerfile, build_args, layout, tag):
+def build_with_bud(containerfile, build_args, layout, tag):
     """The Containerfile's runtime stage as `buildah build` (podman build)
     reads it, after a stand-in build stage holding this script's files at the
     same paths: the same layer and config as build_image's, or the script has
@@ -324,6 +326,18 @@ def image_parts(layout):
     if config["config"].get("Env") == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]:
         del config["config"]["Env"]
     return [layer["digest"] for layer in manifest["layers"]], config
+
+
+def check_equivalence(checks, bud, ours):
+    """buildah build's image (layers, config) against this script's."""
+    checks.check(bud[0] == ours[0], f"buildah build of the Containerfile's runtime stage: the same layer ({ours[0]})",
+                 f"buildah build: {bud[0]}")
+    checks.check(bud[1] == ours[1], "buildah build of the Containerfile's runtime stage: the same config",
+                 "\n".join(f"{key}: buildah build {bud[1]['config'].get(key)!r}, "
+                           f"this script {ours[1]['config'].get(key)!r}"
+                           for key in {**bud[1]["config"], **ours[1]["config"]}
+                           if bud[1]["config"].get(key) != ours[1]["config"].get(key))
+                 or f"buildah build: {json.dumps(bud[1])[:500]}\nthis script: {json.dumps(ours[1])[:500]}")
 
 
 def manifest_digest(layout):
@@ -606,16 +620,8 @@ def main(checks):
     checks.check(manifest_digest(again) == manifest_digest(layout),
                  f"built twice, the same manifest digest ({manifest_digest(layout)})",
                  f"second build: {manifest_digest(again)}")
-    bud = build_with_bud(checks, CONTAINERFILE.read_text(), build_args, WORK / "oci-bud", want["tag"])
-    ours = image_parts(layout)
-    checks.check(bud[0] == ours[0], f"buildah build of the Containerfile's runtime stage: the same layer ({ours[0]})",
-                 f"buildah build: {bud[0]}")
-    checks.check(bud[1] == ours[1], "buildah build of the Containerfile's runtime stage: the same config",
-                 "\n".join(f"{key}: buildah build {bud[1]['config'].get(key)!r}, "
-                           f"this script {ours[1]['config'].get(key)!r}"
-                           for key in {**bud[1]["config"], **ours[1]["config"]}
-                           if bud[1]["config"].get(key) != ours[1]["config"].get(key))
-                 or f"buildah build: {json.dumps(bud[1])[:500]}\nthis script: {json.dumps(ours[1])[:500]}")
+    check_equivalence(checks, build_with_bud(CONTAINERFILE.read_text(), build_args, WORK / "oci-bud", want["tag"]),
+                      image_parts(layout))
     config = check_config(checks, layout, want["tag"], want)
     run_container(checks, layout, want["tag"], config)
     if not os.environ.get("KEEP_WORK"):
