@@ -569,6 +569,8 @@ def expectations(yaml):
     files = {
         "usr/local/bin/packet-ingest": (0o755, "0:0"),
         "etc/ssl/certs/ca-certificates.crt": (0o644, "0:0"),
+        "var": (0o755, "0:0"),
+        "var/lib": (0o755, "0:0"),
         "var/lib/packet-ingest": (0o755, f"{security['runAsUser']}:{security['runAsGroup']}"),
     }
     return {
