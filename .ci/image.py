@@ -34,7 +34,11 @@
   container answers SERVING by IP, by a name from the hosts file, and by a
   short Service name through the search list and a name server started in the
   container's network namespace (the static glibc resolves names), and
-  ``runc kill TERM`` stops the server (pid 1) with status 0.
+  ``runc kill TERM`` stops the server (pid 1) with status 0. Then the chart's
+  persistence mode: a volume owned by the service user at
+  ``/var/lib/packet-ingest`` and ``PACKET_INGEST_DATA_DIR``; ``send --ack``
+  inside the container, a restart, and ``tail --from 1`` replays the packet
+  under the same stream id.
 
 Needs cargo, buildah, umoci and runc (Debian packages; ``.ci/run`` installs
 them) and root (runc, chown in the image). PyYAML for the chart's values comes
@@ -43,6 +47,7 @@ the end (it is reused, and cleaned, by the next run either way).
 The last line is "image: N passed, M failed".
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -411,17 +416,18 @@ class Container:
         self.bundle, self.name = bundle, name
         self.state = WORK / "runc"
         self.spec = json.loads((bundle / "config.json").read_text())
+        self.entrypoint = self.spec["process"]["args"]
 
-    def runc(self, *argv, timeout=STEP_TIMEOUT, check=True):
+    def runc(self, *argv, timeout=STEP_TIMEOUT, check=True, **kwargs):
         argv = ["runc", "--root", str(self.state), *map(str, argv)]
         try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check, **kwargs)
         except subprocess.CalledProcessError as error:
             raise Fatal(f"{' '.join(argv[3:6])} ... exited {error.returncode}: {error.stderr.strip()[-600:]}") from None
         except subprocess.TimeoutExpired:
             raise Fatal(f"{' '.join(argv[3:6])} ... took over {timeout}s") from None
 
-    def write_spec(self, args, env):
+    def write_spec(self, args, env=(), mounts=()):
         spec = json.loads(json.dumps(self.spec))
         process = spec["process"]
         process["terminal"] = False
@@ -443,11 +449,41 @@ class Container:
             {"destination": "/etc", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec", "ro"]},
             {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "ro"]},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv), "options": ["rbind", "ro"]},
+            *mounts,
         ]
         (self.bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
-    def exec(self, *argv):
-        return self.runc("exec", self.name, *argv, check=False)
+    def exec(self, *argv, stdin=None, timeout=20):
+        return self.runc("exec", self.name, self.entrypoint[0], *argv, check=False, input=stdin, timeout=timeout)
+
+    @contextlib.contextmanager
+    def serving(self, checks, what, env=(), mounts=()):
+        """The entrypoint with no arguments (the image's defaults) serving in
+        the container while the block runs; yields (listening fields, pid on
+        this host). Then SIGTERM, and the server must exit 0."""
+        self.write_spec(self.entrypoint, ["PACKET_INGEST_LOG_FORMAT=json", "RUST_LOG=info", *env], mounts)
+        log = WORK / f"serve-{what.replace(' ', '-')}.log"
+        with open(log, "wb") as out:
+            argv = ["runc", "--root", str(self.state), "run", "--bundle", str(self.bundle), self.name]
+            server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            fields = cilib.wait_listening(log, lambda: server.poll() is None, 30)
+            if fields is None:
+                raise Fatal(f"{what}: the server in the container did not listen: "
+                            f"{log.read_text(errors='replace')[-600:]}")
+            yield fields, json.loads(self.runc("state", self.name).stdout)["pid"]
+            self.runc("kill", self.name, "TERM")
+            try:
+                code = server.wait(30)
+            except subprocess.TimeoutExpired:
+                code = None
+            checks.check(code == 0, f"{what}: SIGTERM to the container, the server (pid 1) exits 0 (got {code})",
+                         log.read_text(errors="replace")[-600:])
+        finally:
+            if server.poll() is None:
+                self.runc("kill", self.name, "KILL", check=False)
+                server.wait(10)
+            self.runc("delete", "--force", self.name, check=False)
 
 
 def run_container(checks, layout, tag, config):
@@ -460,12 +496,11 @@ def run_container(checks, layout, tag, config):
     container = Container(bundle, f"packet-ingest-image-{os.getpid()}")
     spec_user = container.spec["process"]["user"]
     checks.check(f"{spec_user.get('uid')}:{spec_user.get('gid')}" == config["User"]
-                 and container.spec["process"]["args"] == config["Entrypoint"],
+                 and container.entrypoint == config["Entrypoint"],
                  "the runtime config umoci made runs the entrypoint as the image's user",
                  json.dumps(container.spec["process"])[:400])
-    entrypoint = config["Entrypoint"]
 
-    container.write_spec([*entrypoint, "--help"], [])
+    container.write_spec([*container.entrypoint, "--help"])
     help_run = container.runc("run", "--bundle", bundle, container.name, check=False)
     checks.check(help_run.returncode == 0 and "--grpc-addr" in help_run.stdout,
                  "packet-ingest --help runs in the container (runc: read-only root, no capabilities, "
@@ -473,28 +508,18 @@ def run_container(checks, layout, tag, config):
                  f"status {help_run.returncode}: {help_run.stderr[-400:]}{help_run.stdout[:200]}")
     container.runc("delete", "--force", container.name, check=False)
 
-    # The entrypoint alone: the image's defaults must serve on its ports.
-    container.write_spec(entrypoint, ["PACKET_INGEST_LOG_FORMAT=json", "RUST_LOG=info"])
-    log = WORK / "serve.log"
-    with open(log, "wb") as out:
-        argv = ["runc", "--root", str(container.state), "run", "--bundle", str(bundle), container.name]
-        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        fields = cilib.wait_listening(log, lambda: server.poll() is None, 30)
-        if fields is None:
-            raise Fatal(f"the server in the container did not listen: {log.read_text(errors='replace')[-600:]}")
+    with container.serving(checks, "memory mode") as (fields, pid):
         listening = [fields.get(k) for k in ("grpc_addr", "ingest_addr", "metrics_addr")]
         ports = sorted(f"{addr.rsplit(':', 1)[1]}/tcp" for addr in listening)
         checks.check(ports == sorted(config["ExposedPorts"]),
                      f"the entrypoint with no arguments serves on the exposed ports: {listening}")
-        state = json.loads(container.runc("state", container.name).stdout)
-        status = Path(f"/proc/{state['pid']}/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
         uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)
         gid = re.search(r"^Gid:\s+(\d+)", status, re.M).group(1)
         capabilities = re.search(r"^CapEff:\s+(\w+)", status, re.M).group(1)
         checks.check(f"{uid}:{gid}" == config["User"] and int(capabilities, 16) == 0,
                      f"the server runs as {uid}:{gid} with no capabilities (CapEff {capabilities})")
-        dns = subprocess.Popen(["nsenter", f"--net=/proc/{state['pid']}/ns/net", sys.executable, __file__,
+        dns = subprocess.Popen(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, __file__,
                                 "dns", DNS_NAME, "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             started = select.select([dns.stdout], [], [], 10)[0] and dns.stdout.readline().strip() == "ready"
@@ -503,7 +528,7 @@ def run_container(checks, layout, tag, config):
             how = {"127.0.0.1:50051": "by IP", f"{HOSTNAME}:50051": "from /etc/hosts",
                    f"{SHORT_NAME}:50051": "through DNS, the search list and resolv.conf"}
             for addr, via in how.items():
-                health = container.exec(entrypoint[0], "health", "--addr", addr, "--service", "packetingest.v1.Packets")
+                health = container.exec("health", "--addr", addr, "--service", "packetingest.v1.Packets")
                 checks.check(health.returncode == 0 and health.stdout.strip() == "SERVING",
                              f"packet-ingest health --addr {addr} ({via}, inside the container): SERVING",
                              f"status {health.returncode}: {health.stdout.strip()} {health.stderr.strip()[-400:]}")
@@ -512,18 +537,34 @@ def run_container(checks, layout, tag, config):
             answered = [json.loads(line) for line in dns.communicate(timeout=10)[0].splitlines()]
         checks.check({"name": DNS_NAME, "type": 1, "found": True} in answered,
                      f"the static binary asked the name server for {DNS_NAME} (A)", answered)
-        container.runc("kill", container.name, "TERM")
-        try:
-            code = server.wait(30)
-        except subprocess.TimeoutExpired:
-            code = None
-        checks.check(code == 0, f"SIGTERM to the container: the server (pid 1) exits 0 (got {code})",
-                     log.read_text(errors="replace")[-600:])
-    finally:
-        if server.poll() is None:
-            container.runc("kill", container.name, "KILL", check=False)
-            server.wait(10)
-        container.runc("delete", "--force", container.name, check=False)
+
+    # The chart's persistence mode: a volume at /var/lib/packet-ingest (owned
+    # by the service user, as fsGroup makes it) under the read-only root; a
+    # packet acknowledged as durable is there after the container restarts.
+    volume = WORK / "volume"
+    volume.mkdir()
+    uid, gid = (int(n) for n in config["User"].split(":"))
+    os.chown(volume, uid, gid)
+    durable = (["PACKET_INGEST_DATA_DIR=/var/lib/packet-ingest"],
+               [{"destination": "/var/lib/packet-ingest", "type": "bind", "source": str(volume),
+                 "options": ["rbind", "rw"]}])
+    payload = f"durable-{os.getpid()}"
+    with container.serving(checks, "durable mode", *durable) as (first, _):
+        sent = container.exec("send", "--ack", "--channel", "3", stdin=payload + "\n")
+        checks.check(sent.returncode == 0, "durable mode: packet-ingest send --ack (inside the container) succeeds",
+                     f"status {sent.returncode}: {sent.stderr.strip()[-400:]}")
+    owners = {f"{f.stat().st_uid}:{f.stat().st_gid}" for f in volume.rglob("*")}
+    checks.check(owners == {config["User"]}, f"durable mode: the log on the volume belongs to {config['User']}",
+                 f"owners: {owners}")
+    with container.serving(checks, "durable mode, restarted", *durable) as (second, _):
+        tail = container.exec("tail", "--from", "1", "--count", "1")
+        lines = [json.loads(line) for line in tail.stdout.splitlines() if line.startswith("{")]
+        got = next((line for line in lines if "sequence" in line), {})  # after a {"stream_id": ...} line
+        checks.check(got.get("payload") == payload and got.get("sequence") == 1 and got.get("channel") == 3
+                     and second.get("stream_id") == first.get("stream_id"),
+                     "durable mode: after a restart, tail --from 1 replays the packet, same stream id",
+                     f"status {tail.returncode}: {tail.stdout[:300]} {tail.stderr.strip()[-300:]}; stream ids "
+                     f"{first.get('stream_id')} / {second.get('stream_id')}")
 
 
 def dns_responder(name, seconds):
@@ -608,7 +649,7 @@ def main(checks):
     checks.check(not missing, "the Containerfile's build stage uses this script's cargo environment and arguments",
                  f"missing: {missing}")
 
-    for stale in ("storage", "run", "oci", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc"):
+    for stale in ("storage", "run", "oci", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc", "volume"):
         shutil.rmtree(WORK / stale, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
 
@@ -627,7 +668,7 @@ def main(checks):
     config = check_config(checks, layout, want["tag"], want)
     run_container(checks, layout, want["tag"], config)
     if not os.environ.get("KEEP_WORK"):
-        for scratch in ("storage", "run", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc"):
+        for scratch in ("storage", "run", "oci-again", "oci-bud", "bud", "bundle", "stage", "runc", "volume"):
             shutil.rmtree(WORK / scratch, ignore_errors=True)
 
 
