@@ -266,7 +266,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             max_streams_per_connection: args.max_streams_per_connection,
             tls: tls.as_ref().map(|tls| tls.grpc.clone()),
         },
-        routes,
+        routes.into_service(&args.cors_origin),
         Arc::clone(&metrics),
         phases.closing.clone(),
         phases.aborted(),
