@@ -71,7 +71,7 @@ PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "f
 # Flags set from a mounted Secret, from clusterNats or only with persistence,
 # rather than always from config.*.
 CONDITIONAL_FLAGS = ("hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca",
-                     "cluster-nats", "cluster-stream", "cors-origin", "compression") + PERSISTENCE_FLAGS
+                     "cluster-nats", "cluster-stream", "cors-origin", "compression", "otlp-endpoint") + PERSISTENCE_FLAGS
 
 # The config.* keys behind PERSISTENCE_FLAGS (all but data-dir).
 PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "segmentBytes")
@@ -174,6 +174,8 @@ class Rendering:
             expected.add(env_name("cors-origin"))
         if values["config"].get("compression"):
             expected.add(env_name("compression"))
+        if values["config"].get("otlpEndpoint"):
+            expected.add(env_name("otlp-endpoint"))
         got = self.env_set()
         check(got == expected, "PACKET_INGEST_* variables: missing %s, unexpected %s" % (sorted(expected - got), sorted(got - expected)))
 
@@ -181,6 +183,11 @@ class Rendering:
             name = "RUST_LOG" if k == "logLevel" else "PACKET_INGEST_" + snake(k)
             if k in PERSISTENCE_CONFIG and not self.persistent:
                 check(name not in env, "config.%s gives %s in memory mode (no --data-dir)" % (k, name))
+                continue
+            if k == "otlpEndpoint":
+                # Empty: no tracing, and the variable is left out.
+                name = env_name("otlp-endpoint")
+                check(env.get(name) == (v or None), "config.otlpEndpoint=%r should give %s=%r, got %r" % (v, name, v or None, env.get(name)))
                 continue
             if k in ("corsOrigins", "compression"):
                 # A list, comma-joined; none: the variable is left out.

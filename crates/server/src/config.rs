@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// `https://app.example.com`; repeat or comma-separate; `*` allows any. None by default.
     #[arg(long, env = "PACKET_INGEST_CORS_ORIGIN", value_delimiter = ',', value_parser = parse_cors_origin)]
     pub cors_origin: Vec<String>,
+    /// Export traces (connections, batch verify, publish, delivery, with their
+    /// sequence ranges) over OTLP/gRPC to this collector, e.g. http://otel-collector:4317.
+    #[arg(long, env = "PACKET_INGEST_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Message compression the gRPC port offers (gzip, zstd), comma-separated;
     /// off by default. Clients opt in per call (grpc-accept-encoding).
     #[arg(

@@ -30,7 +30,8 @@
 //!   [`compression`]: gzip and zstd per message, a batch compressed once.
 //! - [`stream`]: which stream this server serves (its id).
 //! - [`error`]: client-visible errors and their gRPC status codes.
-//! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port.
+//! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port;
+//!   [`telemetry`]: the log, and OpenTelemetry traces with `--otlp-endpoint`.
 //! - [`tls`], [`auth`], [`limits`]: TLS on both ports, bearer tokens, the
 //!   unary deadline (tower layers).
 //! - [`server`]: assembly from settings; [`shutdown`]: the phases of a
@@ -56,6 +57,7 @@ pub mod producer;
 pub mod server;
 pub mod shutdown;
 pub mod stream;
+pub mod telemetry;
 pub mod tls;
 pub mod tools;
 pub mod verify;

@@ -1,12 +1,12 @@
-//! The `packet-ingest` binary: parse and check the configuration (exit 64 if
-//! it cannot be used), set up logging, then run the server or a tool.
+//! The `packet-ingest` binary: set up logging (and tracing), parse and check
+//! the configuration (exit 64 if it cannot be used), then run the server or a
+//! tool.
 
 use clap::Parser;
 use packet_ingest::{
-    config::{Cli, Command, LogFormat, Settings, EXIT_CONFIG},
-    server, tools,
+    config::{Cli, Command, Settings, EXIT_CONFIG},
+    server, telemetry, tools,
 };
-use tracing_subscriber::EnvFilter;
 
 /// What this invocation does.
 // Built once per process: the size difference does not matter.
@@ -35,7 +35,29 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    init_tracing(cli.serve.log_format);
+    // The runtime exists (idle) before the configuration is checked only so
+    // that the trace exporter can be set up inside it.
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("packet-ingest: cannot start the runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    let otlp = match cli.command {
+        None => cli.serve.otlp_endpoint.as_deref(),
+        Some(_) => None,
+    };
+    let telemetry = {
+        let _inside = runtime.enter();
+        match telemetry::init(cli.serve.log_format, otlp) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("packet-ingest: {error}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        }
+    };
     // Configuration is checked before anything starts: exit 64 is decided here.
     let run = match cli.command {
         Some(command) => Run::Tool(command),
@@ -47,13 +69,6 @@ fn main() {
             }
         },
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("packet-ingest: cannot start the runtime: {error}");
-            std::process::exit(1);
-        }
-    };
     let code = runtime.block_on(async move {
         match run {
             Run::Serve(settings) => serve(settings).await,
@@ -62,6 +77,7 @@ fn main() {
             Run::Tool(Command::Health(args)) => report(tools::health(args).await),
         }
     });
+    telemetry.shutdown();
     std::process::exit(code);
 }
 
@@ -105,16 +121,5 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

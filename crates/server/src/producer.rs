@@ -10,6 +10,7 @@
 //! read.
 
 use std::sync::Arc;
+use tracing::Instrument;
 
 use packet_ingest_protocol::digest::Rejection;
 
@@ -102,7 +103,15 @@ impl Producer {
     }
 
     /// Sends a batch to the pool; its frames take the next source sequences.
-    pub fn submit(&mut self, batch: FrameBatch) {
+    pub fn submit(&mut self, mut batch: FrameBatch) {
+        // A trace span only (debug level: off unless --otlp-endpoint).
+        batch.span = Some(tracing::debug_span!(
+            "verify_batch",
+            frames = batch.frames.len(),
+            bytes = batch.wire_bytes(),
+            accepted = tracing::field::Empty,
+            rejected = tracing::field::Empty,
+        ));
         self.pipeline.submit(batch);
     }
 
@@ -122,6 +131,16 @@ impl Producer {
     /// batches are dropped.
     pub async fn publish(&mut self, mut verified: VerifiedBatch) -> Result<Published, OutletError> {
         record(&self.metrics, &verified);
+        if let Some(verify_span) = verified.span.take() {
+            verify_span.record("accepted", verified.accepted.len());
+            verify_span.record("rejected", verified.rejected_packets());
+        }
+        let span = tracing::debug_span!(
+            "publish",
+            packets = verified.accepted.len(),
+            first_sequence = tracing::field::Empty,
+            last_sequence = tracing::field::Empty,
+        );
         let mut published = Published {
             frames: verified.frames,
             rejected: verified.rejected_packets(),
@@ -146,9 +165,14 @@ impl Producer {
         match self
             .outlet
             .publish(verified.accepted, &verified.accepted_source_sequences)
+            .instrument(span.clone())
             .await
         {
             Ok(last) => {
+                if let Some(last) = last.filter(|_| accepted > 0) {
+                    span.record("first_sequence", last + 1 - accepted);
+                    span.record("last_sequence", last);
+                }
                 self.totals.accepted += accepted;
                 if last.is_some() {
                     self.totals.last_sequence = last;

@@ -28,6 +28,9 @@ pub struct FrameBatch {
     pub received_unix_nanos: i64,
     /// Ingest budget held for these bytes until they are published.
     pub charge: Option<Charge>,
+    /// The batch's `verify_batch` trace span (`--otlp-endpoint`), from
+    /// submission to verified; disabled (free) otherwise.
+    pub span: Option<tracing::Span>,
 }
 
 impl FrameBatch {
@@ -57,6 +60,8 @@ pub struct VerifiedBatch {
     pub verify_seconds: f64,
     /// The batch's ingest budget, returned once it is published.
     pub charge: Option<Charge>,
+    /// `FrameBatch::span`, ended when the batch is published.
+    pub span: Option<tracing::Span>,
 }
 
 impl VerifiedBatch {
@@ -170,6 +175,7 @@ impl VerifyPool {
                 hint.get(),
             );
             verified.charge = batch.charge.take();
+            verified.span = batch.span.take();
             // The receiver is gone only if the connection was torn down.
             let _ = reply.send(verified);
         });

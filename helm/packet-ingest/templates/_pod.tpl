@@ -99,6 +99,10 @@ spec:
         - name: PACKET_INGEST_COMPRESSION
           value: {{ join "," . | quote }}
         {{- end }}
+        {{- with $c.otlpEndpoint }}
+        - name: PACKET_INGEST_OTLP_ENDPOINT
+          value: {{ . | quote }}
+        {{- end }}
         - name: PACKET_INGEST_SUBSCRIBER_BUFFER
           value: {{ $c.subscriberBuffer | int64 | quote }}
         - name: PACKET_INGEST_HISTORY

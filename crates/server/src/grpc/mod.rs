@@ -672,8 +672,20 @@ fn deliveries(
             if done {
                 return None;
             }
+            let from = subscription.cursor();
             let (item, done) = match subscription.next(heartbeat).await {
-                Next::Delivery(delivery) => (Ok(delivery), false),
+                Next::Delivery(delivery) => {
+                    // A trace span only (debug level: off unless --otlp-endpoint).
+                    let _span = tracing::debug_span!(
+                        "deliver",
+                        packets = delivery.packets(),
+                        missed = delivery.missed,
+                        from_sequence = from,
+                        to_sequence = subscription.cursor().saturating_sub(1),
+                    )
+                    .entered();
+                    (Ok(delivery), false)
+                }
                 Next::Idle => (Ok(Delivery::heartbeat()), false),
                 Next::End(end) => {
                     if end != SubscriptionEnd::HoldingMemory {

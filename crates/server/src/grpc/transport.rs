@@ -119,7 +119,7 @@ pub async fn serve(
                 connection.run(tcp, stop, abort).await;
                 drop(slot);
             }
-            .instrument(tracing::debug_span!("grpc", peer = %peer)),
+            .instrument(tracing::debug_span!("grpc_connection", peer = %peer)),
         );
     }
     drop(acceptor); // closes the listening socket now, not after the drain
