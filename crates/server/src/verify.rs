@@ -268,6 +268,7 @@ mod tests {
                 frames: vec![frame],
                 received_unix_nanos: 1,
                 charge: None,
+                span: None,
             });
         }
         for index in 0..sizes.len() {
