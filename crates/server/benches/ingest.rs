@@ -78,6 +78,7 @@ fn verification(c: &mut Criterion) {
             frames: frames.clone(),
             received_unix_nanos: 1,
             charge: None,
+            span: None,
         };
         group.bench_function("verify_batch", |b| {
             b.iter(|| verify_batch(&verifier, SOURCE, 0, &batch, 1_000_000))
