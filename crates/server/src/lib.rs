@@ -29,7 +29,8 @@
 //!   slices of it. `grpc::framing` **delivers** them to Subscribe streams.
 //! - [`stream`]: which stream this server serves (its id).
 //! - [`error`]: client-visible errors and their gRPC status codes.
-//! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port.
+//! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port;
+//!   [`console`]: the live console page it serves.
 //! - [`tls`], [`auth`], [`limits`]: TLS on both ports, bearer tokens, the
 //!   unary deadline (tower layers).
 //! - [`server`]: assembly from settings; [`shutdown`]: the phases of a
@@ -41,6 +42,7 @@ pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod error;
 pub mod grpc;
 pub mod http;
