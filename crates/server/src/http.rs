@@ -1,6 +1,7 @@
-//! The plain-HTTP side port: `GET /metrics` (Prometheus text) and `GET /healthz`
+//! The plain-HTTP side port: `GET /metrics` (Prometheus text), `GET /healthz`
 //! (200 while serving; 503 once shutdown has begun, or while the log cannot
-//! be written, with the reason, for HTTP probes). Like the other ports it
+//! be written, with the reason, for HTTP probes), and the live console (`/`,
+//! `/api/status`, `/api/tail`; see [`crate::console`]). Like the other ports it
 //! holds at most a few connections (`ADMIN_CONNECTIONS`, idle ones give way)
 //! and gives each request's headers a deadline, so idle sockets on it cannot
 //! use up the process's file descriptors.
@@ -8,10 +9,11 @@
 use std::sync::Arc;
 
 use axum::{
+    extract::{ConnectInfo, Query},
     http::{header, StatusCode},
-    response::IntoResponse,
+    response::{Html, IntoResponse},
     routing::get,
-    Router,
+    Json, Router,
 };
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +23,7 @@ use tower::ServiceExt;
 
 use crate::{
     connections::{Acceptor, ConnectionSlots},
+    console::{Console, TailQuery},
     metrics::Metrics,
 };
 
@@ -36,11 +39,36 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    console: Arc<Console>,
     draining: CancellationToken,
     storage_failing: tokio::sync::watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) {
+    let status = Arc::clone(&console);
     let app = Router::new()
+        .route("/", get(|| async { Html(crate::console::PAGE) }))
+        .route(
+            "/api/status",
+            get(move || {
+                let console = Arc::clone(&status);
+                async move {
+                    (
+                        [(header::CACHE_CONTROL, "no-store")],
+                        Json(console.status()),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/api/tail",
+            get(
+                move |Query(query): Query<TailQuery>,
+                      ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| {
+                    let tail = console.tail(query.channel, Some(peer));
+                    async move { tail }
+                },
+            ),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -80,7 +108,7 @@ pub async fn serve(
     let mut acceptor = Acceptor::new(listener, "admin HTTP");
     let connections = TaskTracker::new();
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = acceptor.accept() => accepted,
             _ = shutdown.cancelled() => break,
         };
@@ -93,7 +121,9 @@ pub async fn serve(
             let activity = Arc::clone(slot.activity());
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let busy = activity.busy();
-                let response = app.clone().oneshot(request.map(axum::body::Body::new));
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let response = app.clone().oneshot(request);
                 async move {
                     let _busy = busy;
                     response.await

@@ -124,6 +124,9 @@ struct Slot {
     /// Closes the subscriber's connection: the only way to free what a stream
     /// that is not being read holds in the HTTP/2 layer.
     close_connection: Option<CancellationToken>,
+    /// Who this is and what it reads, for the console.
+    label: Option<Arc<str>>,
+    filter: ChannelFilter,
 }
 
 impl Slot {
@@ -313,6 +316,8 @@ impl Hub {
                 ended: Mutex::new(None),
                 kicked: AtomicBool::new(false),
                 close_connection: None,
+                label: None,
+                filter: ChannelFilter::default(),
             })
         });
         Arc::new(Hub {
@@ -390,6 +395,29 @@ impl Hub {
                 .map_or(0, |stored| stored.batch.received_unix_nanos()),
             subscribers: ring.slots.len() as u64,
         }
+    }
+
+    /// Every subscriber's position, the furthest behind first; at most `limit` of them.
+    pub fn subscriber_positions(&self, limit: usize) -> Vec<SubscriberPosition> {
+        let ring = self.lock();
+        let next = ring.next_sequence;
+        let mut positions: Vec<SubscriberPosition> = ring
+            .slots
+            .iter()
+            .map(|slot| {
+                let cursor = slot.cursor.load(Ordering::Acquire);
+                SubscriberPosition {
+                    label: slot.label.clone(),
+                    channels: slot.filter.shared_channels(),
+                    cursor,
+                    lag: next.saturating_sub(cursor),
+                }
+            })
+            .collect();
+        drop(ring);
+        positions.sort_by_key(|position| std::cmp::Reverse(position.lag));
+        positions.truncate(limit);
+        positions
     }
 
     /// Numbers a verified batch, appends it and returns the sequences it got.
@@ -662,6 +690,7 @@ impl Hub {
             from_sequence,
             replay_elsewhere,
             close_connection,
+            label,
         } = options;
         let mut ring = self.lock();
         if ring.closed {
@@ -714,6 +743,8 @@ impl Hub {
             ended: Mutex::new(None),
             kicked: AtomicBool::new(false),
             close_connection,
+            label,
+            filter: filter.clone(),
         });
         ring.slots.push(Arc::clone(&slot));
         drop(ring);
@@ -767,6 +798,21 @@ pub struct SubscribeOptions {
     pub replay_elsewhere: bool,
     /// The subscriber's connection, closed if it holds memory it will not read.
     pub close_connection: Option<CancellationToken>,
+    /// Who subscribes (`grpc/ADDR`, `console/ADDR`), shown by the console.
+    pub label: Option<Arc<str>>,
+}
+
+/// One subscriber as the console shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberPosition {
+    pub label: Option<Arc<str>>,
+    /// The channels it filters on; `None` is every channel.
+    pub channels: Option<Arc<[u32]>>,
+    /// The next sequence the hub will hand it.
+    pub cursor: u64,
+    /// Sequences assigned that the hub has not handed it yet (the stream's
+    /// own buffers may hold more it has not read).
+    pub lag: u64,
 }
 
 /// Packets of `filter`'s channels with a sequence below `cursor`.

@@ -31,7 +31,8 @@
 //! - [`stream`]: which stream this server serves (its id).
 //! - [`error`]: client-visible errors and their gRPC status codes.
 //! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port;
-//!   [`telemetry`]: the log, and OpenTelemetry traces with `--otlp-endpoint`.
+//!   [`console`]: the live console page it serves; [`telemetry`]: the log,
+//!   and OpenTelemetry traces with `--otlp-endpoint`.
 //! - [`tls`], [`auth`], [`limits`]: TLS on both ports, bearer tokens, the
 //!   unary deadline (tower layers).
 //! - [`server`]: assembly from settings; [`shutdown`]: the phases of a
@@ -44,6 +45,7 @@ pub mod cluster;
 pub mod compression;
 pub mod config;
 pub mod connections;
+pub mod console;
 pub mod error;
 pub mod grpc;
 pub mod http;

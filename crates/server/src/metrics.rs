@@ -2,7 +2,10 @@
 //! Prometheus registry. Hot paths hold pre-resolved handles (atomics), so a
 //! metric costs no lookup or allocation per packet.
 
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -28,34 +31,78 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// The reasons a family has counted so far: `Family` cannot be iterated,
+/// and the console lists them. Reasons are few, fixed strings.
+#[derive(Clone, Debug, Default)]
+struct SeenReasons(Arc<Mutex<BTreeSet<&'static str>>>);
+
+impl SeenReasons {
+    fn note(&self, reason: &'static str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(reason);
+    }
+
+    fn snapshot(&self, count: impl Fn(&ReasonLabel) -> u64) -> BTreeMap<&'static str, u64> {
+        let reasons = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        reasons
+            .into_iter()
+            .map(|reason| (reason, count(&ReasonLabel { reason })))
+            .collect()
+    }
+}
+
 /// Per-reason counters of one kind of refusal.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ReasonCounters {
     packets: Family<ReasonLabel, Counter>,
     bytes: Family<ReasonLabel, Counter>,
+    seen: SeenReasons,
 }
 
 impl ReasonCounters {
     pub fn add(&self, reason: &'static str, packets: u64, bytes: u64) {
         let label = ReasonLabel { reason };
+        self.seen.note(reason);
         self.packets.get_or_create(&label).inc_by(packets);
         if bytes > 0 {
             self.bytes.get_or_create(&label).inc_by(bytes);
         }
     }
+
+    /// Packets counted so far, by reason.
+    pub fn packets_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.seen
+            .snapshot(|label| self.packets.get(label).map_or(0, |counter| counter.get()))
+    }
 }
 
 /// A counter per reason, for events that carry no packets.
 #[derive(Clone, Debug, Default)]
-pub struct ReasonCount(Family<ReasonLabel, Counter>);
+pub struct ReasonCount {
+    family: Family<ReasonLabel, Counter>,
+    seen: SeenReasons,
+}
 
 impl ReasonCount {
     pub fn inc(&self, reason: &'static str) {
-        self.0.get_or_create(&ReasonLabel { reason }).inc();
+        self.seen.note(reason);
+        self.family.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn get(&self, reason: &'static str) -> u64 {
-        self.0.get_or_create(&ReasonLabel { reason }).get()
+        self.family.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    /// Counts so far, by reason.
+    pub fn by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.seen
+            .snapshot(|label| self.family.get(label).map_or(0, |counter| counter.get()))
     }
 }
 
@@ -119,10 +166,7 @@ impl Metrics {
             metric
         };
         let reasons = |registry: &mut Registry, name: &str, help: &str| {
-            let counters = ReasonCounters {
-                packets: Family::default(),
-                bytes: Family::default(),
-            };
+            let counters = ReasonCounters::default();
             registry.register(
                 format!("{name}_packets"),
                 format!("{help} (packets)"),
@@ -217,7 +261,7 @@ impl Metrics {
         );
         let count = |registry: &mut Registry, name: &str, help: &str| {
             let family = ReasonCount::default();
-            registry.register(name, help, family.0.clone());
+            registry.register(name, help, family.family.clone());
             family
         };
         let grpc_connections_closed = count(
@@ -272,6 +316,8 @@ impl Metrics {
             let label = ReasonLabel {
                 reason: rejection.reason(),
             };
+            // Counted through these handles, never `add`: listed from the start.
+            rejected.seen.note(rejection.reason());
             (
                 rejected.packets.get_or_create(&label).clone(),
                 rejected.bytes.get_or_create(&label).clone(),

@@ -237,6 +237,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         compression: crate::compression::Compression::new(&args.compression),
         draining: phases.draining.clone(),
     });
+    let console = crate::console::Console::new(Arc::clone(&packets));
     let routes = GrpcRoutes::new(
         packets,
         PacketsLimits {
@@ -276,6 +277,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let metrics_task = tokio::spawn(crate::http::serve(
         metrics_listener,
         Arc::clone(&metrics),
+        console,
         phases.draining.clone(),
         log_failing_rx.clone(),
         phases.closing.clone(),

@@ -510,6 +510,11 @@ impl ChannelFilter {
         self.0.as_deref()
     }
 
+    /// The same, shared rather than borrowed.
+    pub fn shared_channels(&self) -> Option<std::sync::Arc<[u32]>> {
+        self.0.clone()
+    }
+
     pub fn matches(&self, channel: Channel) -> bool {
         match &self.0 {
             None => true,

@@ -226,6 +226,10 @@ impl PacketsService {
                 from_sequence: request.from_sequence,
                 replay_elsewhere: self.cluster.is_some(),
                 close_connection,
+                label: Some(Arc::from(match peer {
+                    Some(addr) => format!("grpc/{addr}"),
+                    None => "grpc/unknown".to_owned(),
+                })),
             })
             .map_err(|error| Status::from(ServiceError::from(error)))?;
         if response_encoding.is_some() {
