@@ -71,7 +71,7 @@ PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "f
 # Flags set from a mounted Secret, from clusterNats or only with persistence,
 # rather than always from config.*.
 CONDITIONAL_FLAGS = ("hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca",
-                     "cluster-nats", "cluster-stream") + PERSISTENCE_FLAGS
+                     "cluster-nats", "cluster-stream", "cors-origin", "compression") + PERSISTENCE_FLAGS
 
 # The config.* keys behind PERSISTENCE_FLAGS (all but data-dir).
 PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "segmentBytes")
@@ -170,6 +170,10 @@ class Rendering:
             expected |= {env_name("cluster-nats"), env_name("cluster-stream")}
         if self.persistent:
             expected |= {env_name(f) for f in PERSISTENCE_FLAGS}
+        if values["config"].get("corsOrigins"):
+            expected.add(env_name("cors-origin"))
+        if values["config"].get("compression"):
+            expected.add(env_name("compression"))
         got = self.env_set()
         check(got == expected, "PACKET_INGEST_* variables: missing %s, unexpected %s" % (sorted(expected - got), sorted(got - expected)))
 
@@ -177,6 +181,12 @@ class Rendering:
             name = "RUST_LOG" if k == "logLevel" else "PACKET_INGEST_" + snake(k)
             if k in PERSISTENCE_CONFIG and not self.persistent:
                 check(name not in env, "config.%s gives %s in memory mode (no --data-dir)" % (k, name))
+                continue
+            if k in ("corsOrigins", "compression"):
+                # A list, comma-joined; none: the variable is left out.
+                name = env_name("cors-origin" if k == "corsOrigins" else "compression")
+                want = ",".join(v) if v else None
+                check(env.get(name) == want, "config.%s=%r should give %s=%r, got %r" % (k, v, name, want, env.get(name)))
                 continue
             want = ("true" if v else "false") if isinstance(v, bool) else str(v)
             if k == "slowSubscriber" and not v:

@@ -23,7 +23,7 @@ started on 127.0.0.1:0 ports (cilib.Server):
 
 Needs python3 with venv (grpcio comes from PyPI into target/ci/) and cargo
 for the Rust examples (PACKET_INGEST_SKIP_EXAMPLES_BUILD=1 uses what is in
-target/release/examples). Every wait is bounded. Knobs: PYCLIENTS_PACKETS
+$PACKET_INGEST_EXAMPLES_DIR or target/release/examples). Every wait is bounded. Knobs: PYCLIENTS_PACKETS
 (packets per producer, default 3000), KEEP_WORK=1 (keep the logs).
 The last line is "python-clients: N passed, M failed".
 """
@@ -50,7 +50,7 @@ BAD_TOTAL, BAD_ACCEPTED = 700, 600  # every 7th digest spoiled
 TOTAL = 4 * N + BAD_ACCEPTED + BIG
 FILTERED = N + BAD_ACCEPTED  # channels 2 and 5
 PER_CHANNEL = {1: N, 2: N, 3: N, 4: N, 5: BAD_ACCEPTED, 6: BIG}
-EXAMPLES = ROOT / "target" / "release" / "examples"
+EXAMPLES = Path(os.environ.get("PACKET_INGEST_EXAMPLES_DIR") or ROOT / "target" / "release" / "examples")
 PYDIR = ROOT / "examples" / "python"
 CLIENT_TIMEOUT = 150  # seconds any one client may run
 

@@ -107,6 +107,19 @@ pub struct ServeArgs {
     /// A Publish stream with no message for this long ends DEADLINE_EXCEEDED (packets before it kept).
     #[arg(long, env = "PACKET_INGEST_PUBLISH_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub publish_idle_timeout: Duration,
+    /// Browser origins allowed to call the gRPC port with gRPC-Web (CORS), e.g.
+    /// `https://app.example.com`; repeat or comma-separate; `*` allows any. None by default.
+    #[arg(long, env = "PACKET_INGEST_CORS_ORIGIN", value_delimiter = ',', value_parser = parse_cors_origin)]
+    pub cors_origin: Vec<String>,
+    /// Message compression the gRPC port offers (gzip, zstd), comma-separated;
+    /// off by default. Clients opt in per call (grpc-accept-encoding).
+    #[arg(
+        long,
+        env = "PACKET_INGEST_COMPRESSION",
+        value_delimiter = ',',
+        value_enum
+    )]
+    pub compression: Vec<crate::compression::Encoding>,
     /// Channels one Subscribe filter may name; more get INVALID_ARGUMENT.
     #[arg(long, env = "PACKET_INGEST_MAX_FILTER_CHANNELS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_filter_channels: u32,
@@ -376,6 +389,25 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     }
 }
 
+/// A CORS origin as browsers send it: `scheme://host[:port]`, or `*`.
+fn parse_cors_origin(value: &str) -> Result<String, String> {
+    if value == "*" {
+        return Ok(value.to_owned());
+    }
+    let invalid = || {
+        format!("{value:?} is not an origin: write scheme://host[:port] (no path, no trailing slash), or *")
+    };
+    let (scheme, authority) = value.split_once("://").ok_or_else(invalid)?;
+    let authority_ok = !authority.is_empty()
+        && !authority.contains(['/', '?', '#', '@'])
+        && authority.parse::<http::uri::Authority>().is_ok();
+    if !matches!(scheme, "http" | "https") || !authority_ok {
+        return Err(invalid());
+    }
+    // Browsers send the scheme and host in lower case; so must the list.
+    Ok(value.to_ascii_lowercase())
+}
+
 /// Bytes with an optional binary suffix: `1048576`, `64KiB`, `1MiB`, `2GiB`.
 fn parse_payload_size(value: &str) -> Result<u32, String> {
     const LIMIT: u64 = 64 << 20;
@@ -396,6 +428,33 @@ fn parse_memory_size(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_are_bare_origins() {
+        let parsed = ServeArgs::try_parse_from([
+            "x",
+            "--cors-origin",
+            "https://App.example.com,http://127.0.0.1:8080",
+            "--cors-origin=*",
+        ])
+        .expect("origins parse");
+        assert_eq!(
+            parsed.cors_origin,
+            ["https://app.example.com", "http://127.0.0.1:8080", "*"]
+        );
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/page",
+            "ftp://app.example.com",
+            "https://app.example.com?x=1",
+            "",
+        ] {
+            assert!(parse_cors_origin(bad).is_err(), "{bad:?} accepted");
+        }
+        let defaults = ServeArgs::try_parse_from(["x"]).expect("defaults parse");
+        assert!(defaults.cors_origin.is_empty(), "no origin by default");
+    }
 
     #[test]
     fn connection_caps_shrink_to_fit_the_open_file_limit() {

@@ -733,6 +733,7 @@ impl Hub {
             matched_before_cursor,
             filter,
             head: self.head.subscribe(),
+            whole_batches: false,
         })
     }
 

@@ -26,7 +26,8 @@
 //! - [`log`]: with `--data-dir`, where batches are **stored**: the segment
 //!   log the hub appends to and lagging subscribers read from.
 //! - [`wire`]: the delivered encoding, written once per batch; a delivery is
-//!   slices of it. `grpc::framing` **delivers** them to Subscribe streams.
+//!   slices of it. `grpc::framing` **delivers** them to Subscribe streams;
+//!   [`compression`]: gzip and zstd per message, a batch compressed once.
 //! - [`stream`]: which stream this server serves (its id).
 //! - [`error`]: client-visible errors and their gRPC status codes.
 //! - [`metrics`] and [`http`]: Prometheus metrics and the admin HTTP port.
@@ -39,6 +40,7 @@
 pub mod auth;
 pub mod budget;
 pub mod cluster;
+pub mod compression;
 pub mod config;
 pub mod connections;
 pub mod error;

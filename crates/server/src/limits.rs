@@ -16,7 +16,11 @@ use tonic::Status;
 use tower::{BoxError, Layer, Service};
 
 /// Unary methods this server exposes; every other route is a stream.
-const UNARY_PATHS: &[&str] = &["/grpc.health.v1.Health/Check"];
+const UNARY_PATHS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/packetingest.v1.Packets/StreamInfo",
+    "/packetingest.v1.Packets/PublishBatch",
+];
 
 #[derive(Clone, Copy, Debug)]
 pub struct UnaryTimeoutLayer {

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub log_read_bytes: Counter,
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
+    /// `--compression`: messages and bytes in and out, per encoding.
+    pub compression: crate::compression::CompressionMetrics,
     pub verify_seconds: Histogram,
     /// Pre-resolved `rejected{reason}` handles, in `Rejection::ALL` order.
     pub rejection_handles: [(Counter, Counter); 2],
@@ -266,6 +268,8 @@ impl Metrics {
             "requests_refused",
             "RPCs refused or ended by a limit, by reason",
         );
+        let compression = crate::compression::CompressionMetrics::default();
+        compression.register(&mut registry);
         let verify_seconds = Histogram::new(exponential_buckets(1e-6, 4.0, 12));
         registry.register(
             "verify_batch_seconds",
@@ -319,6 +323,7 @@ impl Metrics {
             log_recovery_scanned_bytes,
             log_read_bytes,
             requests_refused,
+            compression,
             verify_seconds,
             rejection_handles,
         })

@@ -234,6 +234,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         publish_idle_timeout: args.publish_idle_timeout,
         heartbeat: args.heartbeat,
         max_payload: args.max_payload,
+        compression: crate::compression::Compression::new(&args.compression),
         draining: phases.draining.clone(),
     });
     let routes = GrpcRoutes::new(
@@ -266,7 +267,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             max_streams_per_connection: args.max_streams_per_connection,
             tls: tls.as_ref().map(|tls| tls.grpc.clone()),
         },
-        routes,
+        routes.into_service(&args.cors_origin),
         Arc::clone(&metrics),
         phases.closing.clone(),
         phases.aborted(),

@@ -119,7 +119,8 @@ pub fn load(paths: TlsPaths<'_>) -> Result<Option<TlsSetup>, TlsError> {
         )
     })?;
     let mut grpc = config.clone();
-    grpc.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 for gRPC-Web clients that do not offer h2.
+    grpc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsSetup {
         ingest: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         grpc: tokio_rustls::TlsAcceptor::from(Arc::new(grpc)),

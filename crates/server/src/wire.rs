@@ -16,11 +16,17 @@
 //! (≈ 50 % more server CPU at 64 B) and cannot write into shared buffers. The
 //! tests decode everything written here with prost, at the varint boundaries.
 
-use std::ops::Range;
+use std::{
+    ops::Range,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::frame::Channel;
+use crate::{
+    compression::{CompressionMetrics, Encoding, MIN_COMPRESSED},
+    frame::Channel,
+};
 
 const PACKET_SEQUENCE_TAG: u8 = 1 << 3; // field 1, varint
 const PACKET_CHANNEL_TAG: u8 = 2 << 3; // field 2, varint
@@ -246,6 +252,7 @@ impl EncodedPackets {
             body: body.freeze(),
             entries: self.entries,
             received_unix_nanos: self.received_unix_nanos,
+            compressed: Default::default(),
         }
     }
 
@@ -274,6 +281,7 @@ impl EncodedPackets {
             body: out.freeze(),
             entries: new_entries,
             received_unix_nanos,
+            compressed: Default::default(),
         }
     }
 }
@@ -373,6 +381,10 @@ pub struct SequencedBatch {
     body: Bytes,
     entries: Vec<Entry>,
     received_unix_nanos: i64,
+    /// The whole batch as one compressed `SubscribeResponse` message, per
+    /// encoding, made by the first subscriber that needs it and shared by
+    /// the rest (`--compression`).
+    compressed: [OnceLock<Bytes>; 2],
 }
 
 impl SequencedBatch {
@@ -469,6 +481,7 @@ impl SequencedBatch {
             body,
             entries,
             received_unix_nanos,
+            compressed: Default::default(),
         })
     }
 
@@ -513,6 +526,9 @@ pub struct Delivery {
     records: Vec<Bytes>,
     records_len: usize,
     packets: usize,
+    /// Set while the delivery is exactly one whole batch: its compressed
+    /// form can then be shared (see `into_message`).
+    whole: Option<Arc<SequencedBatch>>,
 }
 
 impl Delivery {
@@ -529,6 +545,54 @@ impl Delivery {
         self.records_len += records.len();
         self.packets += packets;
         self.records.push(records);
+        self.whole = None;
+    }
+
+    /// Appends all of `batch`; if nothing came before, the delivery is that
+    /// batch, whose compressed form is shared.
+    pub fn push_whole(&mut self, batch: &Arc<SequencedBatch>) {
+        let alone = self.packets == 0;
+        self.push(batch.body.clone(), batch.len());
+        if alone && !batch.is_empty() {
+            self.whole = Some(Arc::clone(batch));
+        }
+    }
+
+    /// True if this delivery is exactly one whole batch.
+    pub fn is_whole_batch(&self) -> bool {
+        self.whole.is_some()
+    }
+
+    /// The response as chunks to send in order: as `into_chunks`, or, with
+    /// `compression`, one compressed message. A whole batch with nothing
+    /// missed is compressed once for every subscriber (the batch keeps it);
+    /// anything else is compressed here, and small messages not at all.
+    pub fn into_message(self, compression: Option<(Encoding, &CompressionMetrics)>) -> Vec<Bytes> {
+        let Some((encoding, metrics)) = compression else {
+            return self.into_chunks().collect();
+        };
+        if self.records_len < MIN_COMPRESSED {
+            return self.into_chunks().collect();
+        }
+        if let (Some(batch), 0) = (&self.whole, self.missed) {
+            let message = batch.compressed[encoding.index()].get_or_init(|| {
+                let message = encoding.compress_message(&batch.body);
+                metrics.record(encoding, batch.body.len(), message.len());
+                message
+            });
+            return vec![message.clone()];
+        }
+        let mut body = BytesMut::with_capacity(self.records_len + 11);
+        if self.missed > 0 {
+            body.put_u8(RESPONSE_MISSED_TAG);
+            put_varint(&mut body, self.missed);
+        }
+        for records in &self.records {
+            body.extend_from_slice(records);
+        }
+        let message = encoding.compress_message(&body);
+        metrics.record(encoding, body.len(), message.len());
+        vec![message]
     }
 
     pub fn packets(&self) -> usize {

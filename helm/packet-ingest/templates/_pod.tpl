@@ -91,6 +91,14 @@ spec:
           value: {{ $c.publishIdleTimeout | quote }}
         - name: PACKET_INGEST_MAX_FILTER_CHANNELS
           value: {{ $c.maxFilterChannels | int64 | quote }}
+        {{- with $c.corsOrigins }}
+        - name: PACKET_INGEST_CORS_ORIGIN
+          value: {{ join "," . | quote }}
+        {{- end }}
+        {{- with $c.compression }}
+        - name: PACKET_INGEST_COMPRESSION
+          value: {{ join "," . | quote }}
+        {{- end }}
         - name: PACKET_INGEST_SUBSCRIBER_BUFFER
           value: {{ $c.subscriberBuffer | int64 | quote }}
         - name: PACKET_INGEST_HISTORY

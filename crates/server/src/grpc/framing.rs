@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     budget::{Charge, IngestBudget, PartialFrame},
+    compression::Encoding,
     wire::GRPC_PREFIX_LEN,
 };
 
@@ -61,6 +62,8 @@ pub struct MessageReader {
     /// it, and what closes this call's connection if it is evicted.
     budget: Option<(IngestBudget, CancellationToken)>,
     partial: Option<PartialFrame>,
+    /// The call's `grpc-encoding`, for messages flagged compressed.
+    encoding: Option<Encoding>,
 }
 
 impl MessageReader {
@@ -75,7 +78,15 @@ impl MessageReader {
             charge: None,
             budget: None,
             partial: None,
+            encoding: None,
         }
+    }
+
+    /// Decompresses messages flagged compressed with `encoding` (the call's
+    /// negotiated `grpc-encoding`; `None`: such messages are refused).
+    pub fn with_encoding(mut self, encoding: Option<Encoding>) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// Charges what this reader buffers to `budget`; an unfinished message
@@ -157,14 +168,14 @@ impl MessageReader {
         let compressed = self.buf[0];
         let length =
             u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        match compressed {
-            0 => {}
-            1 => {
+        match (compressed, self.encoding) {
+            (0, _) | (1, Some(_)) => {}
+            (1, None) => {
                 return Err(Status::unimplemented(
-                    "compressed request messages are not accepted by this server; send them uncompressed",
+                    "a compressed request message without a grpc-encoding this server accepts (--compression); send it uncompressed",
                 ))
             }
-            other => {
+            (other, _) => {
                 return Err(Status::invalid_argument(format!(
                     "malformed gRPC message prefix (compressed flag {other})"
                 )))
@@ -180,7 +191,12 @@ impl MessageReader {
         self.buf.advance(GRPC_PREFIX_LEN);
         let message = self.buf.split_to(length).freeze();
         self.note_partial();
-        Ok(Some(message))
+        match (compressed, self.encoding) {
+            (1, Some(encoding)) => encoding
+                .decompress(&message, self.max_message, self.limit)
+                .map(Some),
+            _ => Ok(Some(message)),
+        }
     }
 
     /// Buffers the next chunk of the body. Cancel-safe: a chunk taken off

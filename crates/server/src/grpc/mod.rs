@@ -5,7 +5,7 @@
 //! - [`routes`]: health and reflection (tonic's, outside every limit) next to
 //!   `Packets` (behind auth, the concurrency limit and load shedding).
 //! - [`framing`]: reading request messages and writing responses.
-//! - this module: the three methods.
+//! - this module: the four methods.
 //!
 //! The `Packets` methods are served without tonic's codec: a Subscribe
 //! response is written as the hub's shared, pre-encoded slices (tonic would
@@ -37,12 +37,15 @@ use tonic::{body::Body, transport::server::TcpConnectInfo, Status};
 use crate::{
     auth::{Allowed, Permissions},
     cluster::Cluster,
+    compression::{Compression, Encoding},
     connections::{Activity, ConnectionSlots},
     error::ServiceError,
     frame::{Channel, Digest, Frame, FLAG_HMAC},
     hub::{Hub, HubStats, Next, SubscribeOptions, SubscriptionEnd},
     metrics::Metrics,
-    pb::{PublishRequest, PublishResponse, StreamInfoResponse, SubscribeRequest},
+    pb::{
+        PublishBatchRequest, PublishRequest, PublishResponse, StreamInfoResponse, SubscribeRequest,
+    },
     producer::{Producer, ProducerContext},
     stream::StreamIdentity,
     verify::{unix_nanos_now, FrameBatch},
@@ -81,6 +84,8 @@ pub struct PacketsService {
     pub publish_idle_timeout: Duration,
     pub heartbeat: Duration,
     pub max_payload: u32,
+    /// `--compression`: the encodings offered.
+    pub compression: Compression,
     /// Fired when shutdown starts: new streams are refused.
     pub draining: CancellationToken,
 }
@@ -99,6 +104,7 @@ impl PacketsService {
         if let Ok(value) = HeaderValue::from_str(&self.identity.id) {
             headers.insert(STREAM_ID_HEADER, value);
         }
+        headers.insert("grpc-accept-encoding", self.compression.accept_header());
         headers
     }
 
@@ -116,7 +122,13 @@ impl PacketsService {
 
     pub async fn subscribe(&self, request: http::Request<Body>) -> http::Response<Body> {
         match self.start_subscription(request).await {
-            Ok(stream) => framing::response(self.headers(), stream),
+            Ok((stream, encoding)) => {
+                let mut headers = self.headers();
+                if let Some(encoding) = encoding {
+                    headers.insert("grpc-encoding", HeaderValue::from_static(encoding.name()));
+                }
+                framing::response(headers, stream)
+            }
             Err(status) => framing::refusal(status, self.headers()),
         }
     }
@@ -124,7 +136,7 @@ impl PacketsService {
     async fn start_subscription(
         &self,
         request: http::Request<Body>,
-    ) -> Result<MessageStream, Status> {
+    ) -> Result<(MessageStream, Option<Encoding>), Status> {
         let refused = |error: ServiceError| -> Status {
             if let Some(reason) = error.refusal_reason() {
                 self.metrics.requests_refused.inc(reason);
@@ -140,11 +152,14 @@ impl PacketsService {
             .extensions()
             .get::<Arc<Activity>>()
             .map(|activity| activity.closer());
+        let request_encoding = self.compression.request_encoding(request.headers())?;
+        let response_encoding = self.compression.response_encoding(request.headers());
         let mut reader = MessageReader::new(
             request.into_body(),
             self.max_subscribe_request(),
             "a Subscribe request names at most --max-filter-channels channels",
-        );
+        )
+        .with_encoding(request_encoding);
         let request: SubscribeRequest = read_unary(&mut reader).await.inspect_err(|status| {
             if status.code() == tonic::Code::InvalidArgument {
                 self.metrics.requests_refused.inc("malformed_request");
@@ -204,7 +219,7 @@ impl PacketsService {
                     tokio::time::timeout(CLUSTER_CATCH_UP, self.hub.wait_for_sequence(from)).await;
             }
         }
-        let subscription = self
+        let mut subscription = self
             .hub
             .subscribe_with(SubscribeOptions {
                 filter,
@@ -213,6 +228,9 @@ impl PacketsService {
                 close_connection,
             })
             .map_err(|error| Status::from(ServiceError::from(error)))?;
+        if response_encoding.is_some() {
+            subscription.deliver_whole_batches();
+        }
         // Cluster mode: what the local history no longer holds comes from JetStream first.
         let replay = match (&self.cluster, request.from_sequence) {
             (Some(cluster), Some(from)) if from.max(1) < subscription.cursor() => {
@@ -235,47 +253,118 @@ impl PacketsService {
             Some(replay) => replay.chain(live).boxed(),
             None => live.boxed(),
         };
-        Ok(Box::pin(stream.map(|delivery| {
-            delivery.map(|delivery| delivery.into_chunks().collect())
-        })))
+        let metrics = Arc::clone(&self.metrics);
+        let messages = stream.map(move |delivery| {
+            delivery.map(|delivery| {
+                delivery.into_message(
+                    response_encoding.map(|encoding| (encoding, &metrics.compression)),
+                )
+            })
+        });
+        Ok((Box::pin(messages), response_encoding))
     }
 
     pub async fn publish(&self, request: http::Request<Body>) -> http::Response<Body> {
+        let publisher = match self.admit_publisher(request).await {
+            Ok(publisher) => publisher,
+            Err(refusal) => return refusal,
+        };
+        let reader = MessageReader::new(
+            publisher.body,
+            self.max_payload as usize + 64 * 1024,
+            "a Publish payload is at most --max-payload bytes",
+        )
+        .with_budget(&self.producer.budget, publisher.close)
+        .with_encoding(publisher.encoding);
+        let outcome = self
+            .run_publish(
+                reader,
+                publisher.source,
+                publisher.slot.activity(),
+                &publisher.allowed,
+            )
+            .await;
+        drop(publisher.slot);
+        self.metrics.publishers.dec();
+        self.publish_answer(outcome)
+    }
+
+    /// PublishBatch: one request holding what a Publish upload would send,
+    /// for clients that cannot stream requests (browsers over gRPC-Web).
+    /// Same checks, limits, ordering and answer as Publish.
+    pub async fn publish_batch(&self, request: http::Request<Body>) -> http::Response<Body> {
+        let publisher = match self.admit_publisher(request).await {
+            Ok(publisher) => publisher,
+            Err(refusal) => return refusal,
+        };
+        let mut reader = MessageReader::new(
+            publisher.body,
+            self.max_payload as usize + 64 * 1024,
+            "a PublishBatch request is at most --max-payload + 64 KiB",
+        )
+        .with_budget(&self.producer.budget, publisher.close)
+        .with_encoding(publisher.encoding);
+        let outcome = match read_unary::<PublishBatchRequest>(&mut reader).await {
+            Ok(batch) => {
+                let charge = reader.charge_for_taken();
+                self.run_publish_batch(batch.packets, charge, publisher.source, &publisher.allowed)
+                    .await
+            }
+            Err(status) => Err(status),
+        };
+        drop(publisher.slot);
+        self.metrics.publishers.dec();
+        self.publish_answer(outcome)
+    }
+
+    /// Takes a Publish slot for a call (refusing it while draining, without
+    /// publish permission, or at `--max-publishers`).
+    async fn admit_publisher(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<Publisher, http::Response<Body>> {
         if self.draining.is_cancelled() {
-            return self.refuse(ServiceError::ShuttingDown);
+            return Err(self.refuse(ServiceError::ShuttingDown));
         }
         let allowed = request
             .extensions()
             .get::<Permissions>()
             .map_or(Allowed::All, |permissions| permissions.publish.clone());
         if allowed == Allowed::Nothing {
-            return self.refuse(ServiceError::PermissionDenied("publish".into()));
+            return Err(self.refuse(ServiceError::PermissionDenied("publish".into())));
         }
-        let Some(slot) = self.publishers.try_admit(PUBLISHER_EVICTION_WAIT).await else {
-            return self.refuse(ServiceError::TooManyPublishers {
-                limit: self.publishers.limit(),
-            });
-        };
-        self.metrics.publishers.inc();
-        let source = match peer(&request) {
-            Some(addr) => format!("grpc/{addr}"),
-            None => "grpc/unknown".to_owned(),
+        let encoding = self
+            .compression
+            .request_encoding(request.headers())
+            .map_err(|status| framing::refusal(status, self.headers()))?;
+        let source: Arc<str> = match peer(&request) {
+            Some(addr) => Arc::from(format!("grpc/{addr}")),
+            None => Arc::from("grpc/unknown"),
         };
         let close = request
             .extensions()
             .get::<Arc<Activity>>()
             .map_or_else(CancellationToken::new, |activity| activity.closer());
-        let reader = MessageReader::new(
-            request.into_body(),
-            self.max_payload as usize + 64 * 1024,
-            "a Publish payload is at most --max-payload bytes",
-        )
-        .with_budget(&self.producer.budget, close);
-        let outcome = self
-            .run_publish(reader, Arc::from(source), slot.activity(), &allowed)
-            .await;
-        drop(slot);
-        self.metrics.publishers.dec();
+        let Some(slot) = self.publishers.try_admit(PUBLISHER_EVICTION_WAIT).await else {
+            return Err(self.refuse(ServiceError::TooManyPublishers {
+                limit: self.publishers.limit(),
+            }));
+        };
+        self.metrics.publishers.inc();
+        Ok(Publisher {
+            slot,
+            allowed,
+            source,
+            close,
+            encoding,
+            body: request.into_body(),
+        })
+    }
+
+    fn publish_answer(
+        &self,
+        outcome: Result<crate::producer::ProducerTotals, Status>,
+    ) -> http::Response<Body> {
         match outcome {
             Ok(totals) => {
                 let message = framing::encode(&PublishResponse {
@@ -290,6 +379,65 @@ impl PacketsService {
             }
             Err(status) => framing::refusal(status, self.headers()),
         }
+    }
+
+    /// Verifies and publishes the packets of one PublishBatch request, in
+    /// order; the first bad one ends it (packets before it still go through).
+    async fn run_publish_batch(
+        &self,
+        requests: Vec<PublishRequest>,
+        mut charge: Option<crate::budget::Charge>,
+        source: Arc<str>,
+        allowed: &Allowed,
+    ) -> Result<crate::producer::ProducerTotals, Status> {
+        let mut producer = Producer::new(&self.producer, source);
+        let mut refusal: Option<Status> = None;
+        let mut requests = requests.into_iter();
+        loop {
+            if refusal.is_none() && requests.len() > 0 && producer.has_room() {
+                let mut batch = FrameBatch {
+                    received_unix_nanos: unix_nanos_now(),
+                    ..FrameBatch::default()
+                };
+                let mut bytes = 0;
+                while batch.frames.len() < PUBLISH_BATCH && bytes < PUBLISH_BATCH_BYTES {
+                    let Some(request) = requests.next() else {
+                        break;
+                    };
+                    match self.frame_from(request, allowed) {
+                        Ok(frame) => {
+                            bytes += frame.wire_len();
+                            batch.frames.push(frame);
+                        }
+                        Err(error) => {
+                            if let Some(reason) = error.refusal_reason() {
+                                self.metrics.requests_refused.inc(reason);
+                            }
+                            refusal = Some(error.into());
+                            break;
+                        }
+                    }
+                }
+                // The request's bytes stay charged until its last packets are published.
+                if requests.len() == 0 || refusal.is_some() {
+                    batch.charge = charge.take();
+                }
+                if !batch.frames.is_empty() {
+                    producer.submit(batch);
+                }
+                continue;
+            }
+            if producer.is_idle() {
+                break;
+            }
+            let Some(verified) = producer.next_verified().await else {
+                break;
+            };
+            if let Err(error) = producer.publish(verified).await {
+                refusal = refusal.or(Some(ServiceError::from(error).into()));
+            }
+        }
+        self.settle(producer, refusal).await
     }
 
     /// Reads, verifies and publishes one upload. The first problem ends it;
@@ -378,9 +526,18 @@ impl PacketsService {
                 else => break,
             }
         }
+        self.settle(producer, refusal).await
+    }
+
+    /// Ends a Publish or PublishBatch: waits for what is in verification and,
+    /// with a log, for what was accepted to be durable (SPEC §9).
+    async fn settle(
+        &self,
+        mut producer: Producer,
+        refusal: Option<Status>,
+    ) -> Result<crate::producer::ProducerTotals, Status> {
         let finished = producer.finish().await;
         if let (Ok(totals), Some(_)) = (&finished, self.hub.log()) {
-            // Publish answers once what it accepted is durable (SPEC §9).
             if let Some(last) = totals.last_sequence {
                 // The sender lives as long as the hub: this only ends when reached.
                 let _ = self.hub.durable().wait_for(|end| *end > last).await;
@@ -401,8 +558,13 @@ impl PacketsService {
         {
             return self.refuse(ServiceError::PermissionDenied("call StreamInfo".into()));
         }
+        let encoding = match self.compression.request_encoding(request.headers()) {
+            Ok(encoding) => encoding,
+            Err(status) => return framing::refusal(status, self.headers()),
+        };
         let mut reader =
-            MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields");
+            MessageReader::new(request.into_body(), 1024, "StreamInfoRequest has no fields")
+                .with_encoding(encoding);
         if let Err(status) = read_unary::<crate::pb::StreamInfoRequest>(&mut reader).await {
             return framing::refusal(status, self.headers());
         }
@@ -471,6 +633,18 @@ impl PacketsService {
             Digest(digest),
         ))
     }
+}
+
+/// An admitted Publish or PublishBatch call.
+struct Publisher {
+    slot: crate::connections::ConnectionSlot,
+    allowed: Allowed,
+    source: Arc<str>,
+    /// Fires when the connection is to close (evicted, holding memory).
+    close: CancellationToken,
+    /// The request's `grpc-encoding`.
+    encoding: Option<Encoding>,
+    body: Body,
 }
 
 /// Reads the one request message of a unary or server-streaming call.

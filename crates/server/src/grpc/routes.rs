@@ -1,5 +1,10 @@
 //! Which service answers which path, and what stands in front of each.
 //!
+//! In front of everything: gRPC-Web (tonic-web translates `application/grpc-web`
+//! calls, over HTTP/1.1 or HTTP/2, into ordinary gRPC calls on the same routes,
+//! so browsers get the same auth and limits), and CORS for the origins
+//! `--cors-origin` names (none by default: no browser page may call us).
+//!
 //! Health and reflection answer whatever other clients do (SPEC §8): they sit
 //! behind no auth, no concurrency limit and no load shedding, so a kubelet
 //! probe or `grpcurl list` works while `Packets` is saturated. `Packets` sits
@@ -16,13 +21,17 @@ use std::{
     time::Duration,
 };
 
+use http::{HeaderName, HeaderValue, Method};
 use tonic::{body::Body, Status};
-use tower::{util::BoxCloneSyncService, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{util::BoxCloneSyncService, BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::PacketsService;
+use super::{PacketsService, STREAM_ID_HEADER};
 use crate::{auth::AuthLayer, limits::UnaryTimeoutLayer};
 
 type Route = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+/// What the gRPC port serves: the routes behind gRPC-Web and CORS.
+pub type PortService = Route;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The `Packets` methods, dispatched by path.
@@ -51,6 +60,7 @@ impl Service<http::Request<Body>> for PacketsMethods {
                 "Subscribe" => service.subscribe(request).await,
                 "Publish" => service.publish(request).await,
                 "StreamInfo" => service.stream_info(request).await,
+                "PublishBatch" => service.publish_batch(request).await,
                 _ => Status::unimplemented(format!(
                     "no method {method:?} in packetingest.v1.Packets"
                 ))
@@ -153,6 +163,16 @@ impl GrpcRoutes {
         }
     }
 
+    /// The port's service: gRPC-Web translation in front of the routes, and
+    /// CORS in front of that when `cors_origins` names any.
+    pub fn into_service(self, cors_origins: &[String]) -> PortService {
+        let grpc_web = tonic_web::GrpcWebLayer::new().layer(self);
+        match cors(cors_origins) {
+            None => BoxCloneSyncService::new(grpc_web),
+            Some(cors) => BoxCloneSyncService::new(cors.layer(grpc_web)),
+        }
+    }
+
     /// Wraps a tonic-generated service as a route.
     pub fn route<S>(service: S) -> Route
     where
@@ -165,6 +185,44 @@ impl GrpcRoutes {
     {
         BoxCloneSyncService::new(service)
     }
+}
+
+/// CORS for gRPC-Web callers: the headers a gRPC-Web client sends (and our
+/// bearer token and stream id), and the ones its code must read back.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        )
+    };
+    let header = HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::POST])
+            .allow_headers([
+                header("content-type"),
+                header("x-grpc-web"),
+                header("x-user-agent"),
+                header("grpc-timeout"),
+                header("authorization"),
+                header(STREAM_ID_HEADER),
+            ])
+            .expose_headers([
+                header("grpc-status"),
+                header("grpc-message"),
+                header("grpc-status-details-bin"),
+                header(STREAM_ID_HEADER),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 impl Service<http::Request<Body>> for GrpcRoutes {

@@ -4,9 +4,12 @@
 //! gives a connection forever to send its HTTP/2 preface. Here each connection
 //! takes a slot first (`--max-grpc-connections`; when all are taken the one
 //! idle longest, with no call in progress, gives way), must finish TLS and
-//! send the HTTP/2 preface within `--grpc-handshake-timeout`, and runs with
+//! send its first request bytes (the HTTP/2 preface, or an HTTP/1.1 request
+//! line for gRPC-Web) within `--grpc-handshake-timeout`, and runs with
 //! explicit HTTP/2 limits (streams per connection, windows, send buffer,
-//! header size, keepalive). Every request carries the peer address (tonic's
+//! header size, keepalive). HTTP/1.1 is there for gRPC-Web from browsers,
+//! which cannot speak HTTP/2 without TLS: each of its requests must send its
+//! headers within the same timeout, and they are capped like HTTP/2's. Every request carries the peer address (tonic's
 //! `TcpConnectInfo`, so `Request::remote_addr` works) and the connection's
 //! `Activity`, through which a call keeps the connection from being evicted
 //! and through which the hub can close it.
@@ -25,8 +28,11 @@ use std::{
 };
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::{body::Incoming, server::conn::http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -37,13 +43,14 @@ use tonic::{body::Body, transport::server::TcpConnectInfo};
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::routes::GrpcRoutes;
+use super::routes::PortService;
 use crate::{
     connections::{Acceptor, Activity, BusyGuard, ConnectionSlots},
     metrics::Metrics,
 };
 
-/// The client's connection preface: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".
+/// The client's connection preface: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+/// (an HTTP/1.1 request is longer than this before its headers end).
 const PREFACE_LEN: usize = 24;
 
 /// HTTP/2 and connection limits of the gRPC port.
@@ -73,7 +80,7 @@ pub async fn serve(
     listener: TcpListener,
     slots: Arc<ConnectionSlots>,
     config: TransportConfig,
-    routes: GrpcRoutes,
+    routes: PortService,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -128,7 +135,7 @@ struct Connection {
     local: Option<SocketAddr>,
     activity: Arc<Activity>,
     config: TransportConfig,
-    routes: GrpcRoutes,
+    routes: PortService,
     metrics: Arc<Metrics>,
 }
 
@@ -155,8 +162,13 @@ impl Connection {
             received: 0,
             timed_out: Arc::clone(&timed_out),
         };
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.handshake_timeout)
+            .max_buf_size(MAX_HEADER_LIST as usize)
+            .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(self.config.keepalive_interval)
             .keep_alive_timeout(self.config.keepalive_timeout)

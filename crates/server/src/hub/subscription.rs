@@ -32,6 +32,9 @@ pub struct Subscription {
     pub(super) matched_before_cursor: u64,
     pub(super) filter: ChannelFilter,
     pub(super) head: watch::Receiver<u64>,
+    /// One batch per delivery where a whole batch is ready, so that a
+    /// compressed batch is shared by every subscriber (`--compression`).
+    pub(super) whole_batches: bool,
 }
 
 enum Take {
@@ -199,6 +202,12 @@ impl Subscription {
         Ok(delivery)
     }
 
+    /// Delivers whole batches one at a time where it can (for compressed
+    /// streams: each batch is then compressed once for all of them).
+    pub fn deliver_whole_batches(&mut self) {
+        self.whole_batches = true;
+    }
+
     /// Walks `batches` from the cursor, up to `max_bytes` of matching packets.
     fn collect(&mut self, batches: Vec<Arc<SequencedBatch>>, max_bytes: usize) -> Option<Delivery> {
         let mut delivery = Delivery::default();
@@ -211,7 +220,7 @@ impl Subscription {
                 Some(_) => take_matching(&batch, start, &self.filter, max_bytes, &mut delivery),
             };
             self.cursor = batch.first_sequence + end as u64;
-            if full {
+            if full || (self.whole_batches && delivery.is_whole_batch()) {
                 break;
             }
         }
@@ -243,11 +252,15 @@ impl Subscription {
 /// Unfiltered: one slice from `start`, as many packets as fit in `max_bytes`
 /// (at least one). Returns the end index and whether the delivery is full.
 fn take_all(
-    batch: &SequencedBatch,
+    batch: &Arc<SequencedBatch>,
     start: usize,
     max_bytes: usize,
     delivery: &mut Delivery,
 ) -> (usize, bool) {
+    if start == 0 && delivery.packets() == 0 && batch.body().len() <= max_bytes {
+        delivery.push_whole(batch);
+        return (batch.len(), false);
+    }
     let room = max_bytes.saturating_sub(delivery.records_len());
     let mut end = batch.packets_within(start, room);
     if end == start && delivery.records_len() == 0 && start < batch.len() {
