@@ -143,6 +143,11 @@ pub struct Metrics {
     pub log_bytes: Gauge,
     pub log_segments: Gauge,
     pub log_first_sequence: Gauge,
+    /// Bytes of the last segment that start-up read to find its valid end
+    /// (bounded by one index interval and a record, whatever the log's size).
+    pub log_recovery_scanned_bytes: Gauge,
+    /// Bytes read from the log for subscribers (replay and catch-up).
+    pub log_read_bytes: Counter,
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
     /// `--compression`: messages and bytes in and out, per encoding.
@@ -292,6 +297,16 @@ impl Metrics {
             "log_first_sequence",
             "Oldest sequence still in the log",
         );
+        let log_recovery_scanned_bytes = gauge(
+            &mut registry,
+            "log_recovery_scanned_bytes",
+            "Bytes of the log's tail read at start-up to find its valid end",
+        );
+        let log_read_bytes = counter(
+            &mut registry,
+            "log_read_bytes",
+            "Bytes read from the log for replaying and catching-up subscribers",
+        );
         let requests_refused = count(
             &mut registry,
             "requests_refused",
@@ -351,6 +366,8 @@ impl Metrics {
             log_bytes,
             log_segments,
             log_first_sequence,
+            log_recovery_scanned_bytes,
+            log_read_bytes,
             requests_refused,
             compression,
             verify_seconds,

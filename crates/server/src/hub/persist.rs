@@ -64,15 +64,20 @@ pub async fn write_log(
             return;
         };
         let policy = options.fsync;
-        let end = batches.last().map_or(written, |batch| batch.end_sequence());
         let (owned, outcome) = tokio::task::spawn_blocking(move || {
-            let rollback_to = owned.position();
-            let mut outcome = owned.write(&batches).map(|()| false);
-            if outcome.is_ok() && (sync_due || policy == FsyncPolicy::Always) {
-                outcome = owned.sync().map(|()| true);
+            // The write may stop short of the last batch (at a segment's
+            // end): the next round writes the rest. (end written, synced)
+            let mut outcome = match batches.is_empty() {
+                true => Ok((written, false)),
+                false => owned.write(&batches).map(|end| (end, false)),
+            };
+            if let Ok((end, _)) = outcome {
+                if sync_due || policy == FsyncPolicy::Always {
+                    outcome = owned.sync().map(|()| (end, true));
+                }
             }
             if outcome.is_err() {
-                if let Err(error) = owned.rollback(rollback_to.0, rollback_to.1) {
+                if let Err(error) = owned.rollback() {
                     tracing::error!(%error, "cannot roll back a failed log write");
                 }
             }
@@ -88,7 +93,7 @@ pub async fn write_log(
             last_retention = Instant::now();
         }
         match outcome {
-            Ok(did_sync) => {
+            Ok((end, did_sync)) => {
                 retry = RETRY_FIRST;
                 failing.send_if_modified(|reason| reason.take().is_some());
                 written = end;

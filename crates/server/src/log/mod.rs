@@ -112,6 +112,8 @@ pub struct Opened {
     /// The sequence the next accepted packet gets.
     pub next_sequence: u64,
     pub truncated_bytes: u64,
+    /// Bytes recovery read to find the valid end (see `segment::Recovered`).
+    pub scanned_bytes: u64,
 }
 
 const LOCK_FILE: &str = "LOCK";
@@ -210,7 +212,7 @@ impl Log {
                 modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             });
         }
-        let (writer_segment, truncated_bytes) = match segments.last_mut() {
+        let (writer_segment, truncated_bytes, scanned_bytes) = match segments.last_mut() {
             Some(last) => {
                 let recovered =
                     segment::recover_tail(&dir, last.first_sequence).map_err(|source| {
@@ -223,7 +225,7 @@ impl Log {
                 last.end_sequence = recovered.end_sequence;
                 last.len = recovered.len;
                 let writer = SegmentWriter::reopen(&dir, &recovered).map_err(io)?;
-                (writer, recovered.truncated_bytes)
+                (writer, recovered.truncated_bytes, recovered.scanned_bytes)
             }
             None => {
                 let writer = SegmentWriter::create(&dir, 1).map_err(io)?;
@@ -233,7 +235,7 @@ impl Log {
                     len: 0,
                     modified: SystemTime::now(),
                 });
-                (writer, 0)
+                (writer, 0, 0)
             }
         };
         if truncated_bytes > 0 {
@@ -245,6 +247,15 @@ impl Log {
             metrics.log_truncated_bytes.inc_by(truncated_bytes);
         }
         let next_sequence = writer_segment.end_sequence;
+        metrics.log_recovery_scanned_bytes.set(scanned_bytes as i64);
+        tracing::info!(
+            dir = %dir.display(),
+            segments = segments.len(),
+            next_sequence,
+            scanned_bytes,
+            truncated_bytes,
+            "log opened"
+        );
         let log = Arc::new(Log {
             options,
             stream_id,
@@ -255,6 +266,7 @@ impl Log {
         log.publish_gauges();
         let writer = LogWriter {
             log: Arc::clone(&log),
+            undo: (writer_segment.len, writer_segment.end_sequence),
             active: writer_segment,
         };
         Ok(Opened {
@@ -262,6 +274,7 @@ impl Log {
             writer,
             next_sequence,
             truncated_bytes,
+            scanned_bytes,
         })
     }
 
@@ -367,16 +380,20 @@ impl Log {
             Err(error) => return Err(error),
         };
         let index = segment::read_index(dir, segment.first_sequence, segment.len);
-        let mut offset = index
+        // Where the read starts, and the sequence its first record starts with.
+        let (mut offset, mut expected) = index
             .partition_point(|(sequence, _)| *sequence <= from)
             .checked_sub(1)
-            .map_or(0, |position| index[position].1);
+            .map_or((0, segment.first_sequence), |position| {
+                (index[position].1, index[position].0)
+            });
         // One large sequential read; records are sliced out of it.
         let want = (max_bytes as u64)
             .max(1 << 16)
             .min(segment.len - offset.min(segment.len));
         let mut buf = vec![0u8; want as usize];
         let got = read_fully_at(&file, &mut buf, offset)?;
+        self.metrics.log_read_bytes.inc_by(got as u64);
         buf.truncate(got);
         let mut chunk = Bytes::from(buf);
         let mut read = LogRead {
@@ -395,6 +412,7 @@ impl Log {
             match decoded {
                 Ok((batch, len)) => {
                     offset += len as u64;
+                    expected = batch.end_sequence();
                     if chunk.len() >= len {
                         let _ = chunk.split_to(len);
                     } else {
@@ -407,8 +425,42 @@ impl Log {
                 }
                 // The read ended mid-record: the next read starts there.
                 Err(RecordError::Truncated { .. }) => break,
+                // Corruption after some good records: deliver those first;
+                // the next read starts at the damaged record, so the loss is
+                // reported (`missed`) with the packets that follow it.
+                Err(_) if !read.batches.is_empty() => break,
                 Err(error) => {
                     // Corruption: report it, never deliver it, go on after it.
+                    // If its header still gives its length and the record
+                    // there is intact and continues the numbering, only this
+                    // record is lost: skip exactly its sequences.
+                    let resync = segment::intact_record_after(&file, offset, segment.len)
+                        .filter(|(_, next)| *next > expected && *next <= segment.end_sequence);
+                    if let Some((next_offset, next)) = resync {
+                        let skipped = next.saturating_sub(read.resume_at);
+                        // Reported once per reader that wanted it (a later read
+                        // from an index entry before it passes it silently).
+                        if skipped > 0 {
+                            self.metrics.log_corrupt_records.inc();
+                            tracing::error!(
+                                %error,
+                                segment = segment.first_sequence,
+                                lost = ?(expected..next),
+                                "log record fails its checks; skipping it"
+                            );
+                        }
+                        read.skipped += skipped;
+                        read.resume_at = read.resume_at.max(next);
+                        let len = (next_offset - offset) as usize;
+                        if chunk.len() >= len {
+                            let _ = chunk.split_to(len);
+                        } else {
+                            chunk.clear();
+                        }
+                        offset = next_offset;
+                        expected = next;
+                        continue;
+                    }
                     self.metrics.log_corrupt_records.inc();
                     let resume_at = index
                         .iter()
@@ -462,6 +514,9 @@ pub struct LogRead {
 pub struct LogWriter {
     log: Arc<Log>,
     active: SegmentWriter,
+    /// Where the last `write` started in the active segment (len, end
+    /// sequence): what `rollback` returns to.
+    undo: (u64, u64),
 }
 
 impl LogWriter {
@@ -469,22 +524,38 @@ impl LogWriter {
         &self.log
     }
 
-    /// Where the next batch goes, and what a failed write rolls back to.
-    pub fn position(&self) -> (u64, u64) {
-        (self.active.len, self.active.end_sequence)
+    /// The sequence the next batch written must start with.
+    pub fn end_sequence(&self) -> u64 {
+        self.active.end_sequence
     }
 
-    /// Appends batches (buffered) and hands them to the kernel; starts a new
-    /// segment when the active one is full. On error, nothing is reported
-    /// written: the caller rolls back with `rollback`.
-    pub fn write(&mut self, batches: &[Arc<SequencedBatch>]) -> std::io::Result<()> {
+    /// Appends batches from the front of `batches` and hands them to the
+    /// kernel; returns the end sequence written, which may stop short of the
+    /// last batch: one write never spans two segments (a full segment is
+    /// closed at the start of the next write), so a failed write is undone
+    /// within one file. On error, call `rollback`.
+    pub fn write(&mut self, batches: &[Arc<SequencedBatch>]) -> std::io::Result<u64> {
+        // Set before and after a roll: a failed roll leaves the old segment as it was.
+        self.undo = (self.active.len, self.active.end_sequence);
+        if let Some(first) = batches.first() {
+            if self.active.len >= self.log.options.segment_bytes {
+                self.roll(first.first_sequence)?;
+                self.undo = (self.active.len, self.active.end_sequence);
+            }
+        }
         for batch in batches {
             if self.active.len >= self.log.options.segment_bytes {
-                self.roll(batch.first_sequence)?;
+                break;
             }
             self.active.append(batch)?;
         }
         self.active.flush()?;
+        self.publish_active();
+        Ok(self.active.end_sequence)
+    }
+
+    /// The active segment's size and end, for readers and the gauges.
+    fn publish_active(&self) {
         let mut segments = self
             .log
             .segments
@@ -497,7 +568,6 @@ impl LogWriter {
         }
         drop(segments);
         self.log.publish_gauges();
-        Ok(())
     }
 
     /// Makes everything written survive a power loss.
@@ -505,9 +575,13 @@ impl LogWriter {
         self.active.sync()
     }
 
-    /// Drops a failed write's leftovers (the active segment back to `len`).
-    pub fn rollback(&mut self, len: u64, end_sequence: u64) -> std::io::Result<()> {
-        self.active.truncate_to(len, end_sequence)
+    /// Undoes the last `write` (it or the sync after it failed): its bytes
+    /// are dropped from the active segment, so retrying it appends them once.
+    pub fn rollback(&mut self) -> std::io::Result<()> {
+        let (len, end_sequence) = self.undo;
+        let result = self.active.truncate_to(len, end_sequence);
+        self.publish_active();
+        result
     }
 
     fn roll(&mut self, first_sequence: u64) -> std::io::Result<()> {

@@ -22,7 +22,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufWriter, Read, Seek, SeekFrom, Write},
+    io::Read,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
@@ -161,15 +161,30 @@ pub fn decode_record(buf: &Bytes, offset: u64) -> Result<(SequencedBatch, usize)
 }
 
 /// The active segment, appended to by the log writer.
+///
+/// Appends collect in memory and go to the kernel with positional writes
+/// (`flush`), so a failed write (disk full) is undone exactly by
+/// `truncate_to`: the pending bytes are dropped, the file cut back, and the
+/// next write lands at the valid end. (A `BufWriter` would keep the bytes a
+/// failed flush did not write and put them in front of the retried ones.)
 pub struct SegmentWriter {
     pub first_sequence: u64,
     pub end_sequence: u64,
-    /// Bytes written (and, after `flush`, handed to the kernel).
+    /// Bytes appended (after `flush`, all handed to the kernel).
     pub len: u64,
-    log: BufWriter<File>,
-    index: BufWriter<File>,
-    last_indexed: Option<u64>,
+    log: File,
+    /// Appended bytes not yet written; they belong at offset `written`.
+    pending: Vec<u8>,
+    written: u64,
+    index: File,
+    /// The segment's index entries (sequence, offset), written or not.
+    entries: Vec<(u64, u64)>,
+    /// How many of `entries` are in the index file.
+    entries_written: usize,
 }
+
+/// Pending appended bytes past which `append` writes them out already.
+const PENDING_MAX: usize = 1 << 20;
 
 impl SegmentWriter {
     /// Creates a new, empty segment whose first record will be `first_sequence`.
@@ -185,9 +200,12 @@ impl SegmentWriter {
             first_sequence,
             end_sequence: first_sequence,
             len: 0,
-            log: BufWriter::with_capacity(1 << 20, open(log_path(dir, first_sequence))?),
-            index: BufWriter::new(open(index_path(dir, first_sequence))?),
-            last_indexed: None,
+            log: open(log_path(dir, first_sequence))?,
+            pending: Vec::new(),
+            written: 0,
+            index: open(index_path(dir, first_sequence))?,
+            entries: Vec::new(),
+            entries_written: 0,
         })
     }
 
@@ -197,28 +215,24 @@ impl SegmentWriter {
             .write(true)
             .open(log_path(dir, recovered.first_sequence))?;
         log.set_len(recovered.len)?;
-        let mut index = OpenOptions::new()
+        let index = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(index_path(dir, recovered.first_sequence))?;
         // Rewrite the index from what recovery found valid.
         index.set_len(0)?;
-        let mut bytes = Vec::with_capacity(recovered.index.len() * INDEX_ENTRY_LEN);
-        for (sequence, offset) in &recovered.index {
-            bytes.extend_from_slice(&sequence.to_be_bytes());
-            bytes.extend_from_slice(&offset.to_be_bytes());
-        }
-        index.write_all(&bytes)?;
-        let mut log = BufWriter::with_capacity(1 << 20, log);
-        log.seek(SeekFrom::Start(recovered.len))?;
+        index.write_all_at(&encode_entries(&recovered.index), 0)?;
         Ok(SegmentWriter {
             first_sequence: recovered.first_sequence,
             end_sequence: recovered.end_sequence,
             len: recovered.len,
             log,
-            index: BufWriter::new(index),
-            last_indexed: recovered.index.last().map(|(_, offset)| *offset),
+            pending: Vec::new(),
+            written: recovered.len,
+            index,
+            entries: recovered.index.clone(),
+            entries_written: recovered.index.len(),
         })
     }
 
@@ -226,44 +240,75 @@ impl SegmentWriter {
     pub fn append(&mut self, batch: &SequencedBatch) -> std::io::Result<()> {
         let offset = self.len;
         if self
-            .last_indexed
-            .is_none_or(|last| offset - last >= INDEX_EVERY)
+            .entries
+            .last()
+            .is_none_or(|(_, last)| offset - last >= INDEX_EVERY)
         {
-            self.index.write_all(&batch.first_sequence.to_be_bytes())?;
-            self.index.write_all(&offset.to_be_bytes())?;
-            self.last_indexed = Some(offset);
+            self.entries.push((batch.first_sequence, offset));
         }
         let head = encode_head(batch);
-        self.log.write_all(&head)?;
-        self.log.write_all(batch.body())?;
+        self.pending.extend_from_slice(&head);
+        self.pending.extend_from_slice(batch.body());
         self.len += (head.len() + batch.body().len()) as u64;
         self.end_sequence = batch.end_sequence();
+        if self.pending.len() >= PENDING_MAX {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.log.write_all_at(&self.pending, self.written)?;
+            self.written += self.pending.len() as u64;
+            self.pending.clear();
+        }
         Ok(())
     }
 
     /// Hands everything appended to the kernel (survives `kill -9`).
     pub fn flush(&mut self) -> std::io::Result<()> {
-        self.log.flush()?;
-        self.index.flush()
+        self.write_pending()?;
+        if self.entries_written < self.entries.len() {
+            let bytes = encode_entries(&self.entries[self.entries_written..]);
+            self.index
+                .write_all_at(&bytes, (self.entries_written * INDEX_ENTRY_LEN) as u64)?;
+            self.entries_written = self.entries.len();
+        }
+        Ok(())
     }
 
     /// `flush`, then asks the disk to keep it (survives a power loss).
     pub fn sync(&mut self) -> std::io::Result<()> {
         self.flush()?;
-        self.log.get_ref().sync_data()
+        self.log.sync_data()
     }
 
-    /// Drops whatever was appended after `len` (a failed write's leftovers).
+    /// Drops whatever was appended after `len` (a failed write's leftovers):
+    /// pending bytes, bytes the kernel got, and index entries past it.
     pub fn truncate_to(&mut self, len: u64, end_sequence: u64) -> std::io::Result<()> {
-        // Unwritten buffered bytes go first; errors there are expected.
-        let _ = self.log.flush();
-        let file = self.log.get_mut();
-        file.set_len(len)?;
-        file.seek(SeekFrom::Start(len))?;
+        // The in-memory state first: even if cutting the file fails, the
+        // next write goes to `len` and overwrites what lies there.
+        self.pending.clear();
         self.len = len;
+        self.written = len;
         self.end_sequence = end_sequence;
-        Ok(())
+        let keep = self.entries.partition_point(|(_, offset)| *offset < len);
+        self.entries.truncate(keep);
+        self.entries_written = self.entries_written.min(keep);
+        self.log.set_len(len)?;
+        self.index
+            .set_len((self.entries_written * INDEX_ENTRY_LEN) as u64)
     }
+}
+
+fn encode_entries(entries: &[(u64, u64)]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN);
+    for (sequence, offset) in entries {
+        bytes.extend_from_slice(&sequence.to_be_bytes());
+        bytes.extend_from_slice(&offset.to_be_bytes());
+    }
+    bytes
 }
 
 /// What recovery found in a segment.
@@ -275,6 +320,10 @@ pub struct Recovered {
     pub len: u64,
     pub truncated_bytes: u64,
     pub index: Vec<(u64, u64)>,
+    /// Bytes of the segment read to find its valid end (what makes start-up
+    /// time independent of the log's size: at most about one index interval
+    /// and two records).
+    pub scanned_bytes: u64,
 }
 
 /// Reads a segment's index file; entries past `max_offset` are dropped.
@@ -314,12 +363,13 @@ pub fn recover_tail(dir: &Path, first_sequence: u64) -> Result<Recovered, Record
     let file = File::open(&path)?;
     let file_len = file.metadata()?.len();
     let mut index = read_index(dir, first_sequence, file_len);
+    let mut scanned = 0;
     // Walk back from the last index entry until one is a valid record.
     let (mut offset, mut sequence) = loop {
         let Some(&(sequence, offset)) = index.last() else {
             break (0, first_sequence);
         };
-        match read_record_at(&file, offset, file_len) {
+        match read_record_counted(&file, offset, file_len, &mut scanned) {
             Ok((batch, _)) if batch.first_sequence == sequence => break (offset, sequence),
             _ => {
                 index.pop();
@@ -327,7 +377,7 @@ pub fn recover_tail(dir: &Path, first_sequence: u64) -> Result<Recovered, Record
         }
     };
     while offset < file_len {
-        match read_record_at(&file, offset, file_len) {
+        match read_record_counted(&file, offset, file_len, &mut scanned) {
             Ok((batch, len)) if batch.first_sequence == sequence => {
                 offset += len as u64;
                 sequence = batch.end_sequence();
@@ -341,7 +391,23 @@ pub fn recover_tail(dir: &Path, first_sequence: u64) -> Result<Recovered, Record
         len: offset,
         truncated_bytes: file_len - offset,
         index,
+        scanned_bytes: scanned,
     })
+}
+
+/// After a damaged record at `offset`: the offset and first sequence of the
+/// record that follows it, if the damaged record's header still gives a
+/// length and the record there is intact. `None` when the damage leaves the
+/// next record unknown (the caller skips further, to an index entry).
+pub fn intact_record_after(file: &File, offset: u64, file_len: u64) -> Option<(u64, u64)> {
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut header, offset).ok()?;
+    let next = offset.checked_add(RecordHeader::parse(&header)?.record_len() as u64)?;
+    if next >= file_len {
+        return None;
+    }
+    let (batch, _) = read_record_at(file, next, file_len).ok()?;
+    Some((next, batch.first_sequence))
 }
 
 /// Reads the one record at `offset` (at most `file_len`).
@@ -350,18 +416,34 @@ pub fn read_record_at(
     offset: u64,
     file_len: u64,
 ) -> Result<(SequencedBatch, usize), RecordError> {
+    read_record_counted(file, offset, file_len, &mut 0)
+}
+
+/// `read_record_at`, adding the bytes it read to `scanned`.
+fn read_record_counted(
+    file: &File,
+    offset: u64,
+    file_len: u64,
+    scanned: &mut u64,
+) -> Result<(SequencedBatch, usize), RecordError> {
     let mut header = [0u8; HEADER_LEN];
     if file_len.saturating_sub(offset) < HEADER_LEN as u64 {
         return Err(RecordError::Truncated { offset });
     }
     file.read_exact_at(&mut header, offset)?;
-    let parsed = RecordHeader::parse(&header).ok_or(RecordError::BadHeader { offset })?;
+    let Some(parsed) = RecordHeader::parse(&header) else {
+        *scanned += HEADER_LEN as u64;
+        return Err(RecordError::BadHeader { offset });
+    };
     let len = parsed.record_len();
     if file_len - offset < len as u64 {
+        *scanned += HEADER_LEN as u64;
         return Err(RecordError::Truncated { offset });
     }
     let mut record = vec![0u8; len];
     file.read_exact_at(&mut record, offset)?;
+    // The header again, with the rest: counted once.
+    *scanned += len as u64;
     decode_record(&Bytes::from(record), offset)
 }
 
@@ -369,6 +451,7 @@ pub fn read_record_at(
 mod tests {
     use super::*;
     use crate::wire::{EncodedPacketsBuilder, PacketFields};
+    use std::io::Write;
 
     pub(crate) fn batch(first: u64, count: usize, size: usize) -> SequencedBatch {
         let payload = vec![0x5A; size];

@@ -33,7 +33,7 @@ fn batch(first: u64, count: usize, size: usize) -> Arc<SequencedBatch> {
 
 /// Writes `count` batches of `per` packets from sequence 1; returns the end.
 fn fill(writer: &mut LogWriter, count: usize, per: usize, size: usize) -> u64 {
-    let mut next = writer.position().1;
+    let mut next = writer.end_sequence();
     for _ in 0..count {
         let batch = batch(next, per, size);
         next = batch.end_sequence();
@@ -150,4 +150,85 @@ fn a_corrupted_record_is_reported_and_skipped_never_delivered() {
     assert!(skipped > 0, "the corrupted record is reported");
     assert_eq!(sequences.len() as u64 + skipped, end - 1);
     assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]));
+}
+
+#[test]
+fn a_damaged_record_with_an_intact_length_loses_only_its_own_packets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = options(dir.path());
+    options.segment_bytes = 1 << 30;
+    let opened = Log::open(options, Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 100, 10, 1000);
+    let path = segment::log_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let file = File::open(&path).expect("open");
+    // Record 50 holds sequences 491..501; flip a byte in its body.
+    let mut offset = 0;
+    for _ in 0..50 {
+        offset += segment::read_record_at(&file, offset, bytes.len() as u64)
+            .expect("record")
+            .1 as u64;
+    }
+    let (batch, len) = segment::read_record_at(&file, offset, bytes.len() as u64).expect("record");
+    assert_eq!(batch.first_sequence, 501);
+    bytes[offset as usize + len - 100] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+    for from in [1, 400, 495, 501] {
+        let (sequences, skipped) = read_all(&opened.log, from);
+        let expected: Vec<u64> = (from..end).filter(|s| !(501..511).contains(s)).collect();
+        assert_eq!(sequences, expected, "from {from}");
+        assert_eq!(skipped, 511 - from.max(501), "from {from}");
+    }
+    assert_eq!(opened.log.metrics.log_corrupt_records.get(), 4);
+}
+
+#[test]
+fn a_rolled_back_write_leaves_no_trace_and_its_retry_lands_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = options(dir.path());
+    options.segment_bytes = 1 << 30;
+    let opened = Log::open(options.clone(), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    // Past one index interval, so the rolled-back write adds an index entry.
+    let end = fill(&mut writer, 14, 10, 500);
+    // A write that "failed" after reaching the kernel (and adding an index
+    // entry): rolled back, then retried.
+    let big = batch(end, 200, 500);
+    assert_eq!(
+        writer.write(&[Arc::clone(&big)]).expect("write"),
+        big.end_sequence()
+    );
+    writer.rollback().expect("rollback");
+    assert_eq!(writer.end_sequence(), end);
+    assert_eq!(opened.log.end_sequence(), end);
+    let next = batch(end, 5, 500);
+    writer.write(&[Arc::clone(&next)]).expect("retry");
+    let after = fill(&mut writer, 300, 7, 300);
+    drop(writer);
+    let (sequences, skipped) = read_all(&opened.log, 1);
+    assert_eq!((sequences, skipped), ((1..after).collect::<Vec<_>>(), 0));
+    let metrics = Metrics::new();
+    drop(opened.log);
+    let again = Log::open(options, Arc::clone(&metrics)).expect("reopen");
+    assert_eq!((again.next_sequence, again.truncated_bytes), (after, 0));
+}
+
+#[test]
+fn one_write_never_spans_two_segments() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    // 64 KiB segments; 40 batches of ~7 KiB are several segments' worth.
+    let batches: Vec<_> = (0..40).map(|index| batch(1 + 5 * index, 5, 1400)).collect();
+    let mut written = 0;
+    let mut rounds = 0;
+    while written < batches.len() {
+        let end = writer.write(&batches[written..]).expect("write");
+        written = batches.partition_point(|batch| batch.end_sequence() <= end);
+        rounds += 1;
+        assert!(rounds < 100);
+    }
+    assert!(rounds > 1, "the write stopped at a segment's end");
+    assert_eq!(read_all(&opened.log, 1).0, (1..201).collect::<Vec<_>>());
 }
