@@ -98,7 +98,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Acks<W> {
         let changed = match &mut self.durable {
             Some(Durable::Hub(durable)) => durable.changed().await,
             Some(Durable::Cluster(stored)) => stored.changed().await,
-            None => Ok(std::future::pending().await),
+            None => std::future::pending().await,
         };
         if changed.is_err() {
             std::future::pending::<()>().await;
