@@ -73,7 +73,8 @@ SERVICE_FLAGS = """grpc-addr ingest-addr metrics-addr max-payload max-connection
   cluster-nats cluster-stream verify-threads ingest-idle-timeout frame-timeout ingest-memory-limit
   max-grpc-connections grpc-handshake-timeout max-streams-per-connection max-publishers
   publish-idle-timeout max-filter-channels data-dir retention-bytes retention-age fsync fsync-interval
-  segment-bytes cors-origin compression otlp-endpoint""".split()
+  segment-bytes cors-origin compression otlp-endpoint cluster-max-age cluster-max-bytes
+  cluster-max-lag""".split()
 
 # Values the chart must refuse: (what, the message it must give (regex, any case), helm args).
 REFUSALS = [

@@ -68,10 +68,14 @@ def snake(key):
 # only with persistence.enabled, left out in memory mode.
 PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "fsync-interval", "segment-bytes")
 
+# Flags of cluster mode set from clusterNats.* (key) only when it is enabled.
+CLUSTER_FLAGS = ("cluster-max-age", "cluster-max-bytes", "cluster-max-lag")
+CLUSTER_KEYS = {"cluster-max-age": "maxAge", "cluster-max-bytes": "maxBytes", "cluster-max-lag": "maxLag"}
+
 # Flags set from a mounted Secret, from clusterNats or only with persistence,
 # rather than always from config.*.
 CONDITIONAL_FLAGS = ("hmac-key-file", "auth-token-file", "tls-cert", "tls-key", "tls-client-ca",
-                     "cluster-nats", "cluster-stream", "cors-origin", "compression", "otlp-endpoint") + PERSISTENCE_FLAGS
+                     "cluster-nats", "cluster-stream", "cors-origin", "compression", "otlp-endpoint") + CLUSTER_FLAGS + PERSISTENCE_FLAGS
 
 # The config.* keys behind PERSISTENCE_FLAGS (all but data-dir).
 PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "segmentBytes")
@@ -168,6 +172,7 @@ class Rendering:
                 expected.add(env_name("tls-client-ca"))
         if self.cluster:
             expected |= {env_name("cluster-nats"), env_name("cluster-stream")}
+            expected |= {env_name(f) for f in CLUSTER_FLAGS}
         if self.persistent:
             expected |= {env_name(f) for f in PERSISTENCE_FLAGS}
         if values["config"].get("corsOrigins"):
@@ -218,6 +223,9 @@ class Rendering:
                 check(url == nats["url"], "cluster NATS url is %r, expected %r" % (url, nats["url"]))
             stream = env.get(env_name("cluster-stream"))
             check(stream == nats["stream"], "cluster stream is %r, expected %r" % (stream, nats["stream"]))
+            for flag, key in CLUSTER_KEYS.items():
+                got = env.get(env_name(flag))
+                check(got == str(nats[key]), "%s is %r, expected %r" % (env_name(flag), got, nats[key]))
 
     def secret_files(self):
         """Files behind the *_FILE / TLS variables are mounted from the right Secret keys."""

@@ -1,17 +1,17 @@
 //! Cluster mode: replicas share one ordered stream through NATS JetStream.
 //!
 //! With `--cluster-nats`, verified packets do not go straight into the local
-//! hub. Each connection publishes them, in order, to the JetStream stream
-//! (`packetingest.<channel>` subjects), with a `Nats-Msg-Id` built from the
-//! replica, the connection and `source_sequence`, so a retried publish is
-//! stored once. Publishing is pipelined (acks awaited in order, at most
-//! `MAX_IN_FLIGHT` outstanding), and a connection awaiting acks stops reading
-//! its socket. Every replica runs one ordered consumer that feeds its local hub
-//! with the JetStream stream sequence as `sequence`, so every subscriber on
-//! every replica sees the same packets under the same numbers. A message's
-//! body is the packet's pre-encoded protobuf fields (see `wire`), so nothing is
-//! re-encoded on either side. `from_sequence` older than the local history is
-//! replayed from the stream.
+//! hub. Each replica's [`publish`] sequencer stores them in the JetStream
+//! stream, one message per batch, the body being the batch's records exactly
+//! as subscribers receive them, sequences written in. Numbering is carried by
+//! the messages themselves (see [`message`]): each says which packet sequence
+//! it starts at and how many it holds, and a message is stored only right
+//! after the one its numbering follows (`Nats-Expected-Last-Sequence`), so the
+//! packet sequence is stream-wide, dense and the same on every replica.
+//! Every replica runs one ordered consumer that feeds its local hub with
+//! those batches as they are (nothing re-encoded) and keeps the replica's
+//! view of the stream's tip, which its sequencer numbers from.
+//! `from_sequence` older than the local history is replayed from the stream.
 
 use std::{
     sync::{
@@ -26,24 +26,31 @@ use async_nats::jetstream::{
     consumer::{push, DeliverPolicy},
     stream::{Config as StreamConfig, StorageType},
 };
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    frame::Channel,
     hub::Hub,
-    wire::{ChannelFilter, Delivery, EncodedPacketsBuilder},
+    wire::{ChannelFilter, Delivery, EncodedPackets, SequencedBatch},
 };
 
+pub mod message;
+mod publish;
+pub use publish::{ClusterPublisher, Placed, Stored};
+
 pub const SUBJECT_PREFIX: &str = "packetingest";
-/// Unacknowledged publishes one connection may have outstanding.
-const MAX_IN_FLIGHT: usize = 4096;
-/// Attempts to store one packet before the connection is given up.
+/// The one subject batches are stored under (a batch mixes channels).
+const BATCH_SUBJECT: &str = "packetingest.batch";
+/// Attempts to store one message before its batches are given up.
 const PUBLISH_ATTEMPTS: u32 = 5;
-/// Messages the consumer gathers into one hub batch when they are already there.
-const FEED_BATCH: usize = 1024;
 /// JetStream's window for dropping a republished message with the same id.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Batches waiting for the sequencer, all connections together: bounds the
+/// memory held between verification and JetStream.
+const QUEUE_BATCHES: usize = 64;
+/// Room kept in a message for headers and for sequences wider than reserved.
+const MESSAGE_HEADROOM: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -51,105 +58,277 @@ pub enum ClusterError {
     Connect { url: String, message: String },
     #[error("cannot set up JetStream stream {stream}: {message}")]
     Stream { stream: String, message: String },
-    #[error("JetStream did not store a packet after {PUBLISH_ATTEMPTS} attempts: {0}")]
+    #[error("JetStream did not store a batch: {0}")]
     Publish(String),
+}
+
+/// How to reach the stream and what it keeps.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub url: String,
+    pub stream: String,
+    /// Stream retention by age (zero: none), applied at creation and on start.
+    pub max_age: Duration,
+    /// Stream retention by size (zero: none), applied at creation and on start.
+    pub max_bytes: u64,
+    /// Packets this replica's consumer may be behind what it stored before
+    /// its producers wait.
+    pub max_lag: u64,
+}
+
+/// The last message a replica knows of: the stream sequence it was stored
+/// at and the packet sequence the next message starts at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tip {
+    pub stream_sequence: u64,
+    pub next_packet: u64,
+}
+
+/// What the feed and the sequencer of one replica share.
+#[derive(Debug)]
+struct Shared {
+    tip: watch::Sender<Tip>,
+    /// One past the last packet sequence the feed handed to the hub.
+    fed: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Moves the tip forward (never back): learnt from an ack or the feed.
+    fn advance(&self, tip: Tip) {
+        self.tip.send_if_modified(|known| {
+            let newer = tip.stream_sequence > known.stream_sequence;
+            if newer {
+                *known = tip;
+            }
+            newer
+        });
+    }
+}
+
+impl Shared {
+    /// Takes the tip JetStream reports even when it is behind the one known:
+    /// JetStream lost acknowledged messages (a crash before its writes
+    /// reached disk). Numbering then goes on after the highest packet
+    /// sequence ever known, so the lost ones are a gap (`missed`), never
+    /// reused for other packets.
+    fn reset(&self, tip: Tip) {
+        self.tip.send_if_modified(|known| {
+            let changed = tip.stream_sequence != known.stream_sequence;
+            if changed {
+                if tip.stream_sequence < known.stream_sequence {
+                    tracing::warn!(
+                        jetstream = tip.stream_sequence,
+                        known = known.stream_sequence,
+                        "JetStream lost stored messages; their sequences stay unused"
+                    );
+                }
+                *known = Tip {
+                    stream_sequence: tip.stream_sequence,
+                    next_packet: tip.next_packet.max(known.next_packet),
+                };
+            }
+            changed
+        });
+    }
+}
+
+/// JetStream's view of the stream, for `StreamInfo`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterState {
+    pub first_sequence: u64,
+    pub next_sequence: u64,
+    pub retained_bytes: u64,
+    pub oldest_received_unix_nanos: i64,
 }
 
 /// A connection to the JetStream stream all replicas share.
 pub struct Cluster {
     jetstream: jetstream::Context,
-    stream: String,
-    /// Distinguishes this process's message ids from other replicas' and restarts'.
-    instance: u64,
+    stream: jetstream::stream::Stream,
+    name: String,
+    shared: Arc<Shared>,
+    queue: mpsc::Sender<publish::Queued>,
+    /// Largest batch body one message carries.
+    max_body: usize,
     next_connection: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
-            .field("stream", &self.stream)
+            .field("stream", &self.name)
             .finish()
     }
 }
 
-fn subject(channel: Channel) -> String {
-    format!("{SUBJECT_PREFIX}.{}", channel.0)
-}
-
-fn channel_of(subject: &str) -> Option<Channel> {
-    let channel = subject.strip_prefix(SUBJECT_PREFIX)?.strip_prefix('.')?;
-    channel.parse().ok().map(Channel)
-}
-
 impl Cluster {
-    /// Connects and makes sure the stream exists. NATS reconnects on its own later.
-    pub async fn connect(url: &str, stream: &str) -> Result<Arc<Cluster>, ClusterError> {
+    /// Connects, makes sure the stream exists with the configured retention,
+    /// anchors its numbering and starts this replica's sequencer. NATS
+    /// reconnects on its own later.
+    pub async fn connect(options: &ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
         let client = async_nats::ConnectOptions::new()
             .name("packet-ingest")
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
-            .connect(url)
+            .connect(&options.url)
             .await
             .map_err(|error| ClusterError::Connect {
-                url: url.to_owned(),
+                url: options.url.clone(),
                 message: error.to_string(),
             })?;
+        let max_payload = client.server_info().max_payload;
         let jetstream = jetstream::new(client);
-        jetstream
+        let stream_error = |error: &dyn std::fmt::Display| ClusterError::Stream {
+            stream: options.stream.clone(),
+            message: error.to_string(),
+        };
+        let max_bytes = match options.max_bytes {
+            0 => -1,
+            bytes => i64::try_from(bytes).unwrap_or(i64::MAX),
+        };
+        let mut stream = jetstream
             .get_or_create_stream(StreamConfig {
-                name: stream.to_owned(),
+                name: options.stream.clone(),
                 subjects: vec![format!("{SUBJECT_PREFIX}.>")],
                 storage: StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
+                max_age: options.max_age,
+                max_bytes,
                 ..Default::default()
             })
             .await
-            .map_err(|error| ClusterError::Stream {
-                stream: stream.to_owned(),
-                message: error.to_string(),
-            })?;
+            .map_err(|error| stream_error(&error))?;
+        // An existing stream takes this replica's retention (the last one started wins).
+        let config = stream.cached_info().config.clone();
+        if config.max_age != options.max_age || config.max_bytes != max_bytes {
+            tracing::info!(
+                max_age = ?options.max_age,
+                max_bytes,
+                "updating the JetStream stream's retention"
+            );
+            jetstream
+                .update_stream(StreamConfig {
+                    max_age: options.max_age,
+                    max_bytes,
+                    ..config
+                })
+                .await
+                .map_err(|error| stream_error(&error))?;
+        }
+        let info = stream.info().await.map_err(|error| stream_error(&error))?;
+        if info.state.last_sequence == 0 {
+            // Nats-Expected-Last-Sequence cannot say "empty", so the first
+            // message is a marker every replica publishes under the same id:
+            // JetStream keeps one, and batches then always follow a message.
+            let mut headers = message::genesis_headers();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, "packet-ingest-genesis");
+            let ack = jetstream
+                .publish_with_headers(BATCH_SUBJECT, headers, bytes::Bytes::new())
+                .await
+                .map_err(|error| stream_error(&error))?;
+            ack.await.map_err(|error| stream_error(&error))?;
+        }
+        let tip = read_tip(&stream)
+            .await
+            .map_err(|error| stream_error(&error))?;
+        let shared = Arc::new(Shared {
+            tip: watch::Sender::new(tip),
+            fed: watch::Sender::new(tip.next_packet),
+        });
+        let max_body = max_payload
+            .saturating_sub(MESSAGE_HEADROOM)
+            .max(MESSAGE_HEADROOM);
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_nanos() as u64)
             ^ u64::from(std::process::id()) << 32;
+        let (queue, queued) = mpsc::channel(QUEUE_BATCHES);
+        tokio::spawn(
+            publish::Sequencer {
+                jetstream: jetstream.clone(),
+                stream: stream.clone(),
+                shared: Arc::clone(&shared),
+                queue: queued,
+                instance,
+                max_body,
+                max_lag: options.max_lag,
+                messages: 0,
+            }
+            .run(),
+        );
         Ok(Arc::new(Cluster {
             jetstream,
-            stream: stream.to_owned(),
-            instance,
+            stream,
+            name: options.stream.clone(),
+            shared,
+            queue,
+            max_body,
             next_connection: AtomicU64::new(0),
         }))
     }
 
-    /// The sequence JetStream will give the next message.
-    pub async fn next_sequence(&self) -> Result<u64, ClusterError> {
-        let stream_error = |error: &dyn std::fmt::Display| ClusterError::Stream {
-            stream: self.stream.clone(),
+    /// Where this replica starts: the last stored message and the packet
+    /// sequence after it, as read when it connected.
+    pub fn start(&self) -> Tip {
+        *self.shared.tip.borrow()
+    }
+
+    fn stream_error(&self, error: &dyn std::fmt::Display) -> ClusterError {
+        ClusterError::Stream {
+            stream: self.name.clone(),
             message: error.to_string(),
-        };
-        let mut stream = self
-            .jetstream
-            .get_stream(&self.stream)
+        }
+    }
+
+    /// The packet sequence the next stored batch will start at, as JetStream has it now.
+    pub async fn next_sequence(&self) -> Result<u64, ClusterError> {
+        let tip = read_tip(&self.stream)
             .await
-            .map_err(|error| stream_error(&error))?;
-        let info = stream.info().await.map_err(|error| stream_error(&error))?;
-        Ok(info.state.last_sequence + 1)
+            .map_err(|error| self.stream_error(&error))?;
+        self.shared.advance(tip);
+        Ok(tip.next_packet)
+    }
+
+    /// JetStream's state of the stream in packet terms (`StreamInfo`).
+    pub async fn state(&self) -> Result<ClusterState, ClusterError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|error| self.stream_error(&error))?
+            .clone();
+        let tip = read_tip(&self.stream)
+            .await
+            .map_err(|error| self.stream_error(&error))?;
+        let mut state = ClusterState {
+            first_sequence: tip.next_packet,
+            next_sequence: tip.next_packet,
+            retained_bytes: info.state.bytes,
+            oldest_received_unix_nanos: 0,
+        };
+        if info.state.messages > 0 {
+            let oldest = self
+                .stream
+                .get_raw_message(info.state.first_sequence)
+                .await
+                .map_err(|error| self.stream_error(&error))?;
+            let place = message::placement(Some(&oldest.headers))
+                .map_err(|error| self.stream_error(&error))?;
+            state.first_sequence = place.first;
+            state.oldest_received_unix_nanos = oldest
+                .headers
+                .get(message::RECEIVED)
+                .and_then(|value| value.as_str().parse().ok())
+                .unwrap_or(0);
+        }
+        Ok(state)
     }
 
     /// The stream's identity (SPEC §7): its name and creation time, so a
     /// stream deleted and created again under the same name is another stream.
     pub async fn identity(&self) -> Result<crate::stream::StreamIdentity, ClusterError> {
-        let stream_error = |error: &dyn std::fmt::Display| ClusterError::Stream {
-            stream: self.stream.clone(),
-            message: error.to_string(),
-        };
-        let mut stream = self
-            .jetstream
-            .get_stream(&self.stream)
-            .await
-            .map_err(|error| stream_error(&error))?;
-        let info = stream.info().await.map_err(|error| stream_error(&error))?;
-        let created = info.created.unix_timestamp_nanos();
-        let mut id = format!("js-{}-{created:x}", self.stream);
+        let created = self.stream.cached_info().created.unix_timestamp_nanos();
+        let mut id = format!("js-{}-{created:x}", self.name);
         id.truncate(64);
         Ok(crate::stream::StreamIdentity {
             id: Arc::from(id),
@@ -159,14 +338,15 @@ impl Cluster {
 
     /// Publisher state for one producer connection or Publish stream.
     pub fn publisher(self: &Arc<Self>) -> ClusterPublisher {
-        ClusterPublisher::new(
-            Arc::clone(self),
-            self.next_connection.fetch_add(1, Ordering::Relaxed),
-        )
+        self.next_connection.fetch_add(1, Ordering::Relaxed);
+        // Three quarters of a message: a piece still fits once its
+        // sequences take their final width.
+        ClusterPublisher::new(self.queue.clone(), self.max_body / 4 * 3)
     }
 
-    /// Feeds the local hub from the stream, starting at `next`, until `stop`.
-    /// Consumer failures (NATS restarts) recreate the consumer where it left off.
+    /// Feeds the local hub from the stream, starting at stream sequence
+    /// `next`, until `stop`. Consumer failures (NATS restarts) recreate the
+    /// consumer where it left off.
     pub async fn feed(self: Arc<Self>, hub: Arc<Hub>, mut next: u64, stop: CancellationToken) {
         loop {
             match self.consume_from(&hub, &mut next, &stop).await {
@@ -188,7 +368,18 @@ impl Cluster {
         next: &mut u64,
         stop: &CancellationToken,
     ) -> Result<(), async_nats::Error> {
-        let stream = self.jetstream.get_stream(&self.stream).await?;
+        let mut stream = self.stream.clone();
+        let last = stream.info().await?.state.last_sequence;
+        if last + 1 < *next {
+            // JetStream lost messages this replica had read (a crash before
+            // its writes reached disk): what it stores next takes their place.
+            tracing::warn!(
+                last,
+                next = *next,
+                "JetStream stream is behind this replica's consumer; reading on from its end"
+            );
+            *next = last + 1;
+        }
         let consumer = stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.jetstream.client().new_inbox(),
@@ -200,49 +391,50 @@ impl Cluster {
             .await?;
         let mut messages = consumer.messages().await?;
         loop {
-            let first = tokio::select! {
+            let message = tokio::select! {
                 message = messages.next() => message,
                 _ = stop.cancelled() => return Ok(()),
             };
-            let Some(first) = first else {
+            let Some(message) = message else {
                 return Err("consumer stream ended".into());
             };
-            let mut batch = EncodedPacketsBuilder::with_capacity(1, 0, *next);
-            let mut first_sequence = None;
-            let mut expected = 0;
-            let mut pending_message = Some(first);
-            while let Some(result) = pending_message.take() {
-                let message = result?;
-                let sequence = message.info()?.stream_sequence;
-                match (channel_of(message.subject.as_str()), sequence >= *next) {
-                    (Some(channel), true) => {
-                        // A hub batch holds consecutive sequences; a hole
-                        // (deleted messages) starts a new batch.
-                        if first_sequence.is_some() && sequence != expected {
-                            let full = std::mem::replace(
-                                &mut batch,
-                                EncodedPacketsBuilder::with_capacity(1, 0, sequence),
-                            );
-                            hub.publish_at(first_sequence, full.finish()).await;
-                            first_sequence = None;
-                        }
-                        first_sequence.get_or_insert(sequence);
-                        batch.push_fields(channel, &message.payload, 0);
-                        expected = sequence + 1;
-                    }
-                    (None, _) => {
-                        tracing::warn!(subject = %message.subject, "ignoring a message outside packetingest.<channel>")
-                    }
-                    (_, false) => {}
-                }
-                *next = (*next).max(sequence + 1);
-                if expected - first_sequence.unwrap_or(expected) < FEED_BATCH as u64 {
-                    pending_message = messages.next().now_or_never().flatten();
-                }
+            let message = message?;
+            let sequence = message.info()?.stream_sequence;
+            if sequence < *next {
+                continue;
             }
-            if first_sequence.is_some() {
-                hub.publish_at(first_sequence, batch.finish()).await;
+            *next = sequence + 1;
+            let batch = match message::decode(message.headers.as_ref(), message.payload.clone()) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, sequence, "ignoring a JetStream message that is not a packet batch");
+                    continue;
+                }
+            };
+            let end = batch.end_sequence();
+            self.shared.advance(Tip {
+                stream_sequence: sequence,
+                next_packet: end,
+            });
+            if batch.first_sequence < hub.next_sequence() {
+                // Only a stream numbered against its own rules gets here.
+                if !batch.is_empty() {
+                    tracing::error!(
+                        first = batch.first_sequence,
+                        expected = hub.next_sequence(),
+                        "JetStream batch overlaps packets already delivered; skipped"
+                    );
+                }
+            } else if !batch.is_empty() {
+                let first = batch.first_sequence;
+                hub.publish_at(Some(first), EncodedPackets::from_sequenced(batch))
+                    .await;
             }
+            self.shared.fed.send_if_modified(|fed| {
+                let moved = end > *fed;
+                *fed = (*fed).max(end);
+                moved
+            });
         }
     }
 
@@ -257,7 +449,7 @@ impl Cluster {
         let cluster = Arc::clone(self);
         futures::stream::once(async move {
             cluster
-                .replay_consumer(from, &filter)
+                .replay_consumer(from)
                 .await
                 .map(|messages| (messages, filter))
         })
@@ -267,30 +459,47 @@ impl Cluster {
         })
     }
 
-    async fn replay_consumer(
-        &self,
-        from: u64,
-        filter: &ChannelFilter,
-    ) -> Result<push::Ordered, tonic::Status> {
+    /// The stream sequence of the message holding packet `from` (or of the
+    /// oldest message, when retention removed it): a binary search on the
+    /// messages' first sequences, which grow with the stream sequence.
+    async fn locate(&self, from: u64) -> Result<u64, String> {
+        let mut stream = self.stream.clone();
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .clone();
+        let (mut low, mut high) = (state.first_sequence.max(1), state.last_sequence);
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            let stored = self
+                .stream
+                .get_raw_message(middle)
+                .await
+                .map_err(|e| e.to_string())?;
+            let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
+            if place.first <= from {
+                low = middle;
+            } else {
+                high = middle - 1;
+            }
+        }
+        Ok(low)
+    }
+
+    async fn replay_consumer(&self, from: u64) -> Result<push::Ordered, tonic::Status> {
         let unavailable = |error: &dyn std::fmt::Display| {
             tonic::Status::unavailable(format!("cannot replay from JetStream: {error}; retry"))
         };
-        let stream = self
-            .jetstream
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let filter_subject = match filter.channels() {
-            Some([only]) => subject(Channel(*only)),
-            _ => String::new(),
-        };
-        let consumer = stream
+        let start = self.locate(from).await.map_err(|e| unavailable(&e))?;
+        let consumer = self
+            .stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.jetstream.client().new_inbox(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
+                    start_sequence: start,
                 },
-                filter_subject,
                 ..Default::default()
             })
             .await
@@ -299,7 +508,33 @@ impl Cluster {
     }
 }
 
-/// Turns replayed messages into deliveries, stopping at `until` or the stream's end.
+/// The tip as JetStream has it: its last message and where that one ends.
+async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
+    let mut stream = stream.clone();
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    if last == 0 {
+        return Ok(Tip {
+            stream_sequence: 0,
+            next_packet: 1,
+        });
+    }
+    let stored = stream.get_raw_message(last).await.map_err(|error| {
+        format!("cannot read the stream's last message {last} to continue its numbering: {error}")
+    })?;
+    let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
+    Ok(Tip {
+        stream_sequence: last,
+        next_packet: place.next(),
+    })
+}
+
+/// Turns replayed messages into deliveries (one per stored batch), stopping
+/// at `until` or the stream's end.
 fn replay_deliveries(
     messages: push::Ordered,
     from: u64,
@@ -313,68 +548,106 @@ fn replay_deliveries(
             if done || expected >= until {
                 return None;
             }
-            let mut delivery = Delivery::default();
-            let mut finished = false;
-            let mut next = messages.next().await;
-            while let Some(result) = next.take() {
-                let message = match result {
-                    Ok(message) => message,
-                    Err(error) => {
+            loop {
+                let message = match messages.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
                         let status = tonic::Status::unavailable(format!("JetStream replay failed: {error}; resubscribe from the last sequence you saw"));
                         return Some((Err(status), (messages, expected, true)));
                     }
+                    None => return None,
                 };
-                let Ok(info) = message.info() else { continue };
-                let (sequence, pending) = (info.stream_sequence, info.pending);
-                if sequence >= until {
-                    finished = true;
-                    break;
-                }
-                let Some(channel) = channel_of(message.subject.as_str()) else {
+                let pending = message.info().map_or(0, |info| info.pending);
+                let Ok(batch) = message::decode(message.headers.as_ref(), message.payload.clone())
+                else {
+                    if pending == 0 {
+                        return None;
+                    }
                     continue;
                 };
-                if sequence > expected && filter.channels().is_none() {
-                    delivery.missed += sequence - expected;
+                let delivery = deliver_range(&batch, &mut expected, until, &filter);
+                let finished = pending == 0 || expected >= until;
+                if finished {
+                    expected = until;
                 }
-                expected = sequence + 1;
-                if filter.matches(channel) {
-                    let mut packets = EncodedPacketsBuilder::with_capacity(
-                        1,
-                        message.payload.len() + 16,
-                        sequence,
-                    );
-                    packets.push_fields(channel, &message.payload, 0);
-                    let batch = packets.finish().stamp(sequence);
-                    delivery.push(batch.records(0..1), 1);
-                }
-                if pending == 0 || expected >= until {
-                    finished = true;
-                    break;
-                }
-                if delivery.packets() < FEED_BATCH {
-                    next = messages.next().now_or_never().flatten();
+                if delivery.packets() > 0 || delivery.missed > 0 || finished {
+                    return Some((Ok(delivery), (messages, expected, finished)));
                 }
             }
-            if finished {
-                expected = until;
-            }
-            Some((Ok(delivery), (messages, expected, finished)))
         }
     })
 }
 
-mod publish;
-pub use publish::ClusterPublisher;
+/// The packets of `batch` in `expected..until` that `filter` takes; moves
+/// `expected` past them and counts a gap before them as missed.
+fn deliver_range(
+    batch: &SequencedBatch,
+    expected: &mut u64,
+    until: u64,
+    filter: &ChannelFilter,
+) -> Delivery {
+    let mut delivery = Delivery::default();
+    let end = batch.end_sequence().min(until);
+    if end <= *expected {
+        return delivery;
+    }
+    if batch.first_sequence > *expected && filter.channels().is_none() {
+        delivery.missed += batch.first_sequence - *expected;
+    }
+    let start = (*expected).max(batch.first_sequence);
+    let offset = |sequence: u64| (sequence - batch.first_sequence) as usize;
+    let mut run_start = None;
+    for index in offset(start)..offset(end) {
+        match (filter.matches(batch.channel(index)), run_start) {
+            (true, None) => run_start = Some(index),
+            (false, Some(from)) => {
+                delivery.push(batch.records(from..index), index - from);
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = run_start {
+        delivery.push(batch.records(from..offset(end)), offset(end) - from);
+    }
+    *expected = end;
+    delivery
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        frame::Channel,
+        wire::{EncodedPacketsBuilder, PacketFields},
+    };
+
+    fn batch(first: u64, channels: &[u32]) -> SequencedBatch {
+        let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0, first);
+        for (index, channel) in channels.iter().enumerate() {
+            builder.push(&PacketFields {
+                channel: Channel(*channel),
+                payload: b"x",
+                digest: &[0; 32],
+                source: "tcp/1",
+                source_sequence: index as u64,
+                received_unix_nanos: 1,
+            });
+        }
+        builder.finish().stamp(first)
+    }
 
     #[test]
-    fn subjects_round_trip_channels() {
-        assert_eq!(subject(Channel(42)), "packetingest.42");
-        assert_eq!(channel_of("packetingest.42"), Some(Channel(42)));
-        assert_eq!(channel_of("packetingest.x"), None);
-        assert_eq!(channel_of("other.1"), None);
+    fn replay_takes_the_requested_range_and_counts_gaps() {
+        let stored = batch(10, &[1, 2, 1, 1, 2]);
+        let mut expected = 8;
+        let all = deliver_range(&stored, &mut expected, 13, &ChannelFilter::default());
+        assert_eq!((all.packets(), all.missed, expected), (3, 2, 13));
+        let mut expected = 11;
+        let ones = deliver_range(&stored, &mut expected, 100, &ChannelFilter::new(vec![1]));
+        assert_eq!((ones.packets(), ones.missed, expected), (2, 0, 15));
+        let mut expected = 15;
+        let past = deliver_range(&stored, &mut expected, 100, &ChannelFilter::default());
+        assert_eq!((past.packets(), expected), (0, 15));
     }
 }

@@ -188,9 +188,18 @@ pub struct ServeArgs {
     /// NATS URL: replicas share one ordered stream through JetStream (off by default).
     #[arg(long, env = "PACKET_INGEST_CLUSTER_NATS")]
     pub cluster_nats: Option<String>,
-    /// JetStream stream name for cluster mode (subjects packetingest.<channel>).
+    /// JetStream stream name for cluster mode (subjects packetingest.>).
     #[arg(long, env = "PACKET_INGEST_CLUSTER_STREAM", default_value = "PACKETS")]
     pub cluster_stream: String,
+    /// Cluster mode: the JetStream stream drops messages older than this (0s: no limit).
+    #[arg(long, env = "PACKET_INGEST_CLUSTER_MAX_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub cluster_max_age: Duration,
+    /// Cluster mode: the JetStream stream drops its oldest messages beyond this size (0: no limit).
+    #[arg(long, env = "PACKET_INGEST_CLUSTER_MAX_BYTES", default_value = "8GiB", value_parser = parse_size)]
+    pub cluster_max_bytes: u64,
+    /// Cluster mode: packets this replica's consumer may trail what is stored before producers wait.
+    #[arg(long, env = "PACKET_INGEST_CLUSTER_MAX_LAG", default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cluster_max_lag: u64,
     /// Time from SIGTERM to exit: ingest drains, then streams end UNAVAILABLE.
     #[arg(long, env = "PACKET_INGEST_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::{
-    cluster::{Cluster, ClusterError, ClusterPublisher},
+    cluster::{Cluster, ClusterError, ClusterPublisher, Placed, Stored},
     hub::Hub,
     wire::EncodedPackets,
 };
@@ -34,6 +36,15 @@ impl Destination {
     }
 }
 
+/// How far a producer's packets are durable, for acknowledgements: the
+/// hub's durable end (sequences), or in cluster mode what JetStream has
+/// acknowledged of this producer's batches.
+#[derive(Clone, Debug)]
+pub enum Durable {
+    Hub(watch::Receiver<u64>),
+    Cluster(watch::Receiver<Stored>),
+}
+
 /// One producer's way into the hub (directly or through JetStream), in order.
 pub enum Outlet {
     Hub {
@@ -44,26 +55,31 @@ pub enum Outlet {
 }
 
 impl Outlet {
-    /// Publishes a verified batch's accepted packets (`source_sequences[i]`
-    /// is packet `i`'s index on its source). May wait: that is backpressure.
-    /// Returns the last sequence assigned, when already known.
-    pub async fn publish(
-        &mut self,
-        accepted: EncodedPackets,
-        source_sequences: &[u64],
-    ) -> Result<Option<u64>, ClusterError> {
+    /// Publishes a verified batch's accepted packets. May wait: that is
+    /// backpressure. Says where the batch stands: the last sequence known
+    /// and what `durable()` must reach for the batch to be durable.
+    pub async fn publish(&mut self, accepted: EncodedPackets) -> Result<Placed, ClusterError> {
         match self {
             Outlet::Hub { hub, last_sequence } => {
                 let range = hub.publish(accepted).await;
+                let durable_at = (!range.is_empty()).then_some(range.end);
                 if !range.is_empty() {
                     *last_sequence = Some(range.end - 1);
                 }
-                Ok(*last_sequence)
+                Ok(Placed {
+                    last_sequence: *last_sequence,
+                    durable_at,
+                })
             }
-            Outlet::Cluster(publisher) => publisher
-                .publish(&accepted, source_sequences)
-                .await
-                .map(|()| None),
+            Outlet::Cluster(publisher) => publisher.publish(accepted).await,
+        }
+    }
+
+    /// What acknowledgements wait on.
+    pub fn durable(&self) -> Durable {
+        match self {
+            Outlet::Hub { hub, .. } => Durable::Hub(hub.durable()),
+            Outlet::Cluster(publisher) => Durable::Cluster(publisher.progress()),
         }
     }
 

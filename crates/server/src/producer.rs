@@ -17,7 +17,7 @@ use packet_ingest_protocol::digest::Rejection;
 use crate::{
     budget::IngestBudget,
     metrics::Metrics,
-    outlet::{Destination, Outlet, OutletError},
+    outlet::{Destination, Durable, Outlet, OutletError},
     verify::{FrameBatch, OrderedPipeline, VerifiedBatch, VerifyPool},
 };
 
@@ -30,17 +30,6 @@ pub struct ProducerContext {
     pub budget: IngestBudget,
     /// Verification batches one producer may have in flight.
     pub max_in_flight: usize,
-}
-
-impl ProducerContext {
-    /// The durable end of the stream, for acknowledgements (`None` in
-    /// cluster mode, where the outlet waits for JetStream itself).
-    pub fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        match &self.destination {
-            Destination::Hub(hub) => Some(hub.durable()),
-            Destination::Cluster(_) => None,
-        }
-    }
 }
 
 /// Counts for one producer, as Publish reports them.
@@ -60,8 +49,8 @@ pub struct Published {
     pub rejected: u64,
     /// The last sequence this producer was given so far.
     pub last_sequence: Option<u64>,
-    /// The batch's packets are durable once the hub's durable end reaches
-    /// this (`None`: nothing accepted, or the outlet stores before returning).
+    /// The batch's packets are durable once the producer's `Durable` reaches
+    /// this (`None`: nothing accepted).
     pub durable_at: Option<u64>,
     /// The outlet had failed: the batch's packets were not stored.
     pub dropped: bool,
@@ -86,6 +75,11 @@ impl Producer {
             totals: ProducerTotals::default(),
             failed: false,
         }
+    }
+
+    /// What acknowledgements of this producer wait on.
+    pub fn durable(&self) -> Durable {
+        self.outlet.durable()
     }
 
     pub fn source(&self) -> &Arc<str> {
@@ -164,21 +158,21 @@ impl Producer {
         let _charge = verified.charge.take();
         match self
             .outlet
-            .publish(verified.accepted, &verified.accepted_source_sequences)
+            .publish(verified.accepted)
             .instrument(span.clone())
             .await
         {
-            Ok(last) => {
-                if let Some(last) = last.filter(|_| accepted > 0) {
+            Ok(placed) => {
+                if let Some(last) = placed.last_sequence.filter(|_| accepted > 0) {
                     span.record("first_sequence", last + 1 - accepted);
                     span.record("last_sequence", last);
                 }
                 self.totals.accepted += accepted;
-                if last.is_some() {
-                    self.totals.last_sequence = last;
+                if placed.last_sequence.is_some() {
+                    self.totals.last_sequence = placed.last_sequence;
                 }
                 published.last_sequence = self.totals.last_sequence;
-                published.durable_at = last.filter(|_| accepted > 0).map(|last| last + 1);
+                published.durable_at = placed.durable_at;
                 Ok(published)
             }
             Err(error) => {

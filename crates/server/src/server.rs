@@ -11,7 +11,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth::AuthLayer,
     budget::IngestBudget,
-    cluster::{Cluster, ClusterError},
+    cluster::{Cluster, ClusterError, ClusterOptions},
     config::Settings,
     connections::ConnectionSlots,
     frame::FrameLimits,
@@ -117,7 +117,16 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         metrics,
     } = settings;
     let cluster = match &args.cluster_nats {
-        Some(url) => Some(Cluster::connect(url, &args.cluster_stream).await?),
+        Some(url) => Some(
+            Cluster::connect(&ClusterOptions {
+                url: url.clone(),
+                stream: args.cluster_stream.clone(),
+                max_age: args.cluster_max_age,
+                max_bytes: args.cluster_max_bytes,
+                max_lag: args.cluster_max_lag,
+            })
+            .await?,
+        ),
         None => None,
     };
     let hub_config = HubConfig {
@@ -143,7 +152,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             (hub, identity, Some(opened.writer))
         }
         (None, Some(cluster)) => {
-            let next = cluster.next_sequence().await?;
+            let next = cluster.start().next_packet;
             let hub = Hub::starting_at(hub_config, Arc::clone(&metrics), next);
             (hub, cluster.identity().await?, None)
         }
@@ -153,7 +162,6 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             None,
         ),
     };
-    let first_sequence = hub.next_sequence();
     // Why log writes fail, while they do (health reports it).
     let (log_failing, log_failing_rx) = tokio::sync::watch::channel(None::<String>);
     let stop_log = CancellationToken::new();
@@ -171,7 +179,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     };
     let stop_feed = CancellationToken::new();
     let feed_task = cluster.as_ref().map(|cluster| {
-        tokio::spawn(Arc::clone(cluster).feed(Arc::clone(&hub), first_sequence, stop_feed.clone()))
+        // The consumer starts after the last message the hub's numbering follows.
+        let after = cluster.start().stream_sequence + 1;
+        tokio::spawn(Arc::clone(cluster).feed(Arc::clone(&hub), after, stop_feed.clone()))
     });
     let verifier = Verifier::new(hmac_key.as_deref(), args.require_hmac);
     let pool = VerifyPool::new(verifier, args.verify_threads, hub.sequence_hint())?;

@@ -50,8 +50,6 @@ pub fn unix_nanos_now() -> i64 {
 #[derive(Debug, Default)]
 pub struct VerifiedBatch {
     pub accepted: EncodedPackets,
-    /// `source_sequence` of each accepted packet (cluster mode's message ids).
-    pub accepted_source_sequences: Vec<u64>,
     pub accepted_bytes: u64,
     /// Rejections by `Rejection` index: (packets, wire bytes).
     pub rejected: [(u64, u64); 2],
@@ -98,9 +96,6 @@ pub fn verify_batch(
         match verifier.check(frame) {
             Ok(()) => {
                 result.accepted_bytes += frame.wire_len() as u64;
-                result
-                    .accepted_source_sequences
-                    .push(first_source_sequence + offset as u64);
                 accepted.push(&PacketFields {
                     channel: frame.channel(),
                     payload: &frame.payload,

@@ -168,9 +168,61 @@ pub struct EncodedPackets {
     /// Varint width reserved for every packet's sequence.
     sequence_width: usize,
     received_unix_nanos: i64,
+    /// Set when the records already carry sequences from this one on
+    /// (a batch read back from cluster storage): stamping there is free.
+    stamped_at: Option<u64>,
 }
 
 impl EncodedPackets {
+    /// A numbered batch to be handed to the hub again: stamping it at its own
+    /// first sequence touches nothing, at another one rewrites the records.
+    pub fn from_sequenced(batch: SequencedBatch) -> EncodedPackets {
+        EncodedPackets {
+            sequence_width: varint_len(batch.first_sequence.max(1)),
+            stamped_at: Some(batch.first_sequence),
+            body: batch.body,
+            entries: batch.entries,
+            received_unix_nanos: batch.received_unix_nanos,
+        }
+    }
+
+    /// Splits the batch into consecutive pieces of at most `max_bytes` of
+    /// records each (a single larger record stays whole), sharing the buffer.
+    pub fn split(self, max_bytes: usize) -> Vec<EncodedPackets> {
+        if self.body.len() <= max_bytes || self.entries.len() <= 1 {
+            return vec![self];
+        }
+        let mut pieces = Vec::new();
+        let mut start_packet = 0;
+        let mut start_byte = 0usize;
+        while start_packet < self.entries.len() {
+            let mut end_packet = start_packet;
+            while end_packet < self.entries.len()
+                && (end_packet == start_packet
+                    || self.entries[end_packet].end as usize - start_byte <= max_bytes)
+            {
+                end_packet += 1;
+            }
+            let end_byte = self.entries[end_packet - 1].end as usize;
+            pieces.push(EncodedPackets {
+                body: self.body.slice(start_byte..end_byte),
+                entries: self.entries[start_packet..end_packet]
+                    .iter()
+                    .map(|entry| Entry {
+                        channel: entry.channel,
+                        end: entry.end - start_byte as u32,
+                    })
+                    .collect(),
+                sequence_width: self.sequence_width,
+                received_unix_nanos: self.received_unix_nanos,
+                stamped_at: self.stamped_at.map(|first| first + start_packet as u64),
+            });
+            start_packet = end_packet;
+            start_byte = end_byte;
+        }
+        pieces
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -213,6 +265,27 @@ impl EncodedPackets {
     /// stream crossed 128, 16384, … while the batch was being verified) the
     /// records are rewritten once; otherwise nothing is copied.
     pub fn stamp(self, first_sequence: u64) -> SequencedBatch {
+        match self.stamped_at {
+            Some(stamped) if stamped == first_sequence => {
+                return SequencedBatch {
+                    first_sequence,
+                    body: self.body,
+                    entries: self.entries,
+                    received_unix_nanos: self.received_unix_nanos,
+                    compressed: Default::default(),
+                }
+            }
+            // Widths were written exactly, not reserved: rewrite the records.
+            Some(_) => {
+                return Self::restamped(
+                    self.body,
+                    self.entries,
+                    first_sequence,
+                    self.received_unix_nanos,
+                )
+            }
+            None => {}
+        }
         let count = self.entries.len() as u64;
         let last = first_sequence + count.saturating_sub(1);
         let fits = count == 0
@@ -370,6 +443,7 @@ impl EncodedPacketsBuilder {
             entries: self.entries,
             sequence_width: self.sequence_width,
             received_unix_nanos: self.received_unix_nanos,
+            stamped_at: None,
         }
     }
 }
@@ -481,6 +555,34 @@ impl SequencedBatch {
             body,
             entries,
             received_unix_nanos,
+            compressed: Default::default(),
+        })
+    }
+
+    /// Consecutive batches as one (copied into one buffer), or `None` if
+    /// their numbers do not follow each other.
+    pub fn concat(batches: &[SequencedBatch]) -> Option<SequencedBatch> {
+        let first = batches.first()?;
+        let mut body = BytesMut::with_capacity(batches.iter().map(|batch| batch.body.len()).sum());
+        let mut entries = Vec::with_capacity(batches.iter().map(SequencedBatch::len).sum());
+        let mut next = first.first_sequence;
+        for batch in batches {
+            if batch.first_sequence != next {
+                return None;
+            }
+            let base = body.len() as u32;
+            body.extend_from_slice(&batch.body);
+            entries.extend(batch.entries.iter().map(|entry| Entry {
+                channel: entry.channel,
+                end: entry.end + base,
+            }));
+            next = batch.end_sequence();
+        }
+        Some(SequencedBatch {
+            first_sequence: first.first_sequence,
+            body: body.freeze(),
+            entries,
+            received_unix_nanos: first.received_unix_nanos,
             compressed: Default::default(),
         })
     }

@@ -103,6 +103,25 @@ async fn send_frames(addr: std::net::SocketAddr, count: usize, source: usize) {
     stream.shutdown().await.expect("close");
 }
 
+/// JetStream's view: (messages stored, one past the last packet sequence stored).
+async fn stored(url: &str) -> (u64, u64) {
+    let client = async_nats::connect(url).await.expect("nats");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("PACKETS")
+        .await
+        .expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let last = stream
+        .get_raw_message(state.last_sequence)
+        .await
+        .expect("last message");
+    let header = |name: &str| -> u64 {
+        let value = last.headers.get(name).expect("numbering header");
+        value.as_str().parse().expect("a number")
+    };
+    (state.messages, header("Pi-First") + header("Pi-Count"))
+}
+
 fn key(packet: &Packet) -> (u64, String, u64) {
     (
         packet.sequence,
@@ -207,14 +226,7 @@ async fn packets_stored_by_a_killed_replica_still_reach_the_other() {
     let seen = first.last().map_or(0, |p| p.sequence);
     a.child.kill().await.expect("kill A");
     producer.abort();
-    let stored = {
-        let client = async_nats::connect(&nats.url).await.expect("nats");
-        let mut stream = async_nats::jetstream::new(client)
-            .get_stream("PACKETS")
-            .await
-            .expect("stream");
-        stream.info().await.expect("info").state.last_sequence
-    };
+    let stored = stored(&nats.url).await.1 - 1;
     assert!(stored >= 1000);
     let (rest, missed) = receive_through(&mut on_b, stored).await;
     assert_eq!(missed, 0);
@@ -267,4 +279,128 @@ async fn replicas_reconnect_and_go_on_after_nats_restarts() {
     let last = received.last().map_or(500, |p| p.sequence);
     assert_eq!(received.len() as u64 + missed, last - 500);
     assert_ordered(&received);
+    // Publishes retried across the restart were stored once: the whole
+    // stream, replayed from JetStream, holds every packet once, in order.
+    let late = start(&["--cluster-nats", &_nats.url, "--history", "10"]).await;
+    let mut replayed = subscribe(&late, vec![], Some(1)).await;
+    let (all, _) = receive_through(&mut replayed, last).await;
+    let mut keys: Vec<(String, u64)> = all
+        .iter()
+        .map(|p| (p.source.clone(), p.source_sequence))
+        .collect();
+    let count = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), count, "a packet was stored twice");
+    assert_ordered(&all);
+}
+
+/// The heart of cluster numbering: two replicas, two producers each, all
+/// publishing at full speed at once. Each replica numbers its batches after
+/// the last message it knows of and JetStream refuses any that another
+/// replica overtook, so both replicas deliver exactly the same packets under
+/// exactly the same sequences, 1..=N without a gap — and JetStream holds
+/// batches, far fewer messages than packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_publishing_at_full_speed_number_identically_and_densely() {
+    const PER_PRODUCER: usize = 50_000;
+    let Some(nats) = Nats::start(store_dir("race"), None).await else {
+        return;
+    };
+    // Subscribers that fall behind hold their replica's consumer back, and
+    // through --cluster-max-lag its producers: nothing is skipped.
+    let paced = [
+        "--cluster-nats",
+        &nats.url,
+        "--slow-subscriber",
+        "block",
+        "--cluster-max-lag",
+        "20000",
+    ];
+    let a = start(&paced).await;
+    let b = start(&paced).await;
+    let mut on_a = subscribe(&a, vec![], None).await;
+    let mut on_b = subscribe(&b, vec![], None).await;
+    let total = 4 * PER_PRODUCER;
+    let (_, (from_a, missed_a), (from_b, missed_b)) = tokio::join!(
+        async {
+            tokio::join!(
+                send_frames(a.ingest_addr, PER_PRODUCER, 1),
+                send_frames(a.ingest_addr, PER_PRODUCER, 2),
+                send_frames(b.ingest_addr, PER_PRODUCER, 3),
+                send_frames(b.ingest_addr, PER_PRODUCER, 4),
+            )
+        },
+        collect(&mut on_a, total),
+        collect(&mut on_b, total)
+    );
+    assert_eq!((missed_a, missed_b), (0, 0));
+    assert_eq!(
+        from_a.iter().map(|p| p.sequence).collect::<Vec<_>>(),
+        (1..=total as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        from_a.iter().map(key).collect::<Vec<_>>(),
+        from_b.iter().map(key).collect::<Vec<_>>()
+    );
+    let by_source = assert_ordered(&from_a);
+    assert_eq!(by_source.len(), 4);
+    assert!(by_source.values().all(|p| p.len() == PER_PRODUCER));
+    // Both replicas' packets are interleaved in the one numbering.
+    let replica_of = |p: &Packet| matches!(p.channel, 1 | 2);
+    let switches = from_a
+        .windows(2)
+        .filter(|w| replica_of(&w[0]) != replica_of(&w[1]))
+        .count();
+    eprintln!("replica switches along the stream: {switches}");
+    assert!(switches > 1, "the replicas did not publish concurrently");
+    let (messages, next) = stored(&nats.url).await;
+    assert_eq!(next, total as u64 + 1);
+    assert!(
+        messages * 8 < total as u64,
+        "{messages} JetStream messages for {total} packets"
+    );
+}
+
+/// TCP acknowledgements in cluster mode mean "JetStream stored it": when a
+/// producer is told its frames are settled, the stream already holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_acknowledgements_wait_for_jetstream() {
+    use packet_ingest::frame::{Channel, FLAG_ACK};
+    use packet_ingest_protocol::{
+        ack::{Ack, ACK_LEN},
+        client::make_frame_with,
+    };
+    use tokio::io::AsyncReadExt;
+    const COUNT: usize = 2000;
+    let Some(nats) = Nats::start(store_dir("acks"), None).await else {
+        return;
+    };
+    let a = replica(&nats).await;
+    let mut stream = tokio::net::TcpStream::connect(a.ingest_addr)
+        .await
+        .expect("connect");
+    let signed: Vec<_> = (0..COUNT)
+        .map(|index| make_frame_with(Channel(7), payload(9, index, 64), None, FLAG_ACK))
+        .collect();
+    stream.write_all(&wire(&signed)).await.expect("write");
+    let mut latest = Ack::default();
+    tokio::time::timeout(PATIENCE, async {
+        while latest.settled < COUNT as u64 {
+            let mut record = [0u8; ACK_LEN];
+            stream.read_exact(&mut record).await.expect("ack record");
+            latest = Ack::decode(&record).expect("valid ack");
+            // Whatever is acknowledged is in JetStream already.
+            let (_, next) = stored(&nats.url).await;
+            assert!(
+                latest.last_sequence < next,
+                "acknowledged through {} while JetStream holds up to {}",
+                latest.last_sequence,
+                next - 1
+            );
+        }
+    })
+    .await
+    .expect("every frame is acknowledged");
+    assert_eq!((latest.last_sequence, latest.rejected), (COUNT as u64, 0));
 }

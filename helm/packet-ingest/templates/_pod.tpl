@@ -179,6 +179,12 @@ spec:
           {{- end }}
         - name: PACKET_INGEST_CLUSTER_STREAM
           value: {{ .Values.clusterNats.stream | quote }}
+        - name: PACKET_INGEST_CLUSTER_MAX_AGE
+          value: {{ .Values.clusterNats.maxAge | quote }}
+        - name: PACKET_INGEST_CLUSTER_MAX_BYTES
+          value: {{ .Values.clusterNats.maxBytes | quote }}
+        - name: PACKET_INGEST_CLUSTER_MAX_LAG
+          value: {{ .Values.clusterNats.maxLag | toString | quote }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}

@@ -573,7 +573,25 @@ impl PacketsService {
             return framing::refusal(status, self.headers());
         }
         let stats = self.hub.stats();
-        let message = framing::encode(&self.stream_info_response(&stats));
+        let mut response = self.stream_info_response(&stats);
+        if let Some(cluster) = &self.cluster {
+            // The stream is JetStream's: its range, size and age come from
+            // there (the local hub holds only a window of it).
+            match cluster.state().await {
+                Ok(state) => {
+                    response.first_sequence = state.first_sequence;
+                    response.next_sequence = state.next_sequence.max(stats.next_sequence);
+                    response.retained_packets =
+                        response.next_sequence.saturating_sub(state.first_sequence);
+                    response.retained_bytes = state.retained_bytes;
+                    response.oldest_received_unix_nanos = state.oldest_received_unix_nanos;
+                }
+                Err(error) => {
+                    return framing::refusal(ServiceError::from(error).into(), self.headers())
+                }
+            }
+        }
+        let message = framing::encode(&response);
         framing::response(
             self.headers(),
             Box::pin(futures::stream::iter([Ok(vec![message])])),

@@ -4,7 +4,8 @@
 //! durable, or rejected.
 //!
 //! Settlement follows the order of the frames: a batch's frames settle when
-//! its accepted packets are durable (the hub's durable end passes them). A
+//! its accepted packets are durable (the hub's durable end passes them; in
+//! cluster mode, when JetStream has acknowledged the batch). A
 //! separate task writes the records, coalesced to one per `COALESCE` at
 //! most, so a producer that never reads them holds one 28-byte record of
 //! ours, never the connection's read side.
@@ -18,7 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::producer::Published;
+use crate::{outlet::Durable, producer::Published};
 
 /// Acknowledgements are written at most this often (and at least this soon).
 const COALESCE: Duration = Duration::from_millis(10);
@@ -38,7 +39,7 @@ struct Unsettled {
 pub(super) struct Acks<W> {
     /// The write half, until acknowledgements are asked for.
     write: Option<W>,
-    durable: Option<watch::Receiver<u64>>,
+    durable: Option<Durable>,
     state: watch::Sender<Ack>,
     task: Option<JoinHandle<()>>,
     pending: VecDeque<Unsettled>,
@@ -49,7 +50,7 @@ pub(super) struct Acks<W> {
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Acks<W> {
-    pub(super) fn new(write: W, durable: Option<watch::Receiver<u64>>) -> Self {
+    pub(super) fn new(write: W, durable: Option<Durable>) -> Self {
         Acks {
             write: Some(write),
             durable,
@@ -94,22 +95,28 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Acks<W> {
 
     /// Waits until the durable end moves (only while something is pending).
     pub(super) async fn durable_moved(&mut self) {
-        match &mut self.durable {
-            Some(durable) => {
-                if durable.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
+        let changed = match &mut self.durable {
+            Some(Durable::Hub(durable)) => durable.changed().await,
+            Some(Durable::Cluster(stored)) => stored.changed().await,
             None => std::future::pending().await,
+        };
+        if changed.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
     /// Settles every pending batch the durable end has passed.
     pub(super) fn settle(&mut self) {
-        let durable = self
-            .durable
-            .as_ref()
-            .map_or(u64::MAX, |durable| *durable.borrow());
+        // In cluster mode a batch's sequences are known only once stored:
+        // the settled frames' last sequence is the connection's last stored.
+        let (durable, stored_last) = match &self.durable {
+            None => (u64::MAX, None),
+            Some(Durable::Hub(durable)) => (*durable.borrow(), None),
+            Some(Durable::Cluster(stored)) => {
+                let stored = stored.borrow();
+                (stored.batches, Some(stored.last_sequence))
+            }
+        };
         let mut settled = None;
         while let Some(front) = self.pending.front() {
             if front.durable_at > durable {
@@ -120,7 +127,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Acks<W> {
         if let Some(batch) = settled {
             self.state.send_replace(Ack {
                 settled: batch.frames_end,
-                last_sequence: batch.last_sequence.unwrap_or(0),
+                last_sequence: stored_last.unwrap_or(batch.last_sequence).unwrap_or(0),
                 rejected: batch.rejected_total,
             });
         }
@@ -188,7 +195,7 @@ mod tests {
     async fn frames_settle_in_order_once_durable() {
         let (ours, mut theirs) = tokio::io::duplex(1024);
         let (durable_tx, durable_rx) = watch::channel(1u64);
-        let mut acks = Acks::new(ours, Some(durable_rx));
+        let mut acks = Acks::new(ours, Some(Durable::Hub(durable_rx)));
         acks.enable();
         acks.note(&published(3, 1, Some(2), Some(3)));
         acks.note(&published(2, 0, Some(4), Some(5)));

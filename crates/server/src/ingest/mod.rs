@@ -156,13 +156,13 @@ impl Connection<'_> {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut stream, write) = tokio::io::split(stream);
-        let mut acks = Acks::new(write, self.context.producer.durable());
         let metrics = Arc::clone(self.context.metrics());
         metrics.ingest_connections.inc();
         metrics.ingest_connections_total.inc();
         tracing::debug!("producer connected");
         let source: Arc<str> = Arc::from(format!("tcp/{}", self.peer));
         let mut producer = Producer::new(&self.context.producer, source);
+        let mut acks = Acks::new(write, Some(producer.durable()));
         let mut reader = FrameReader::new(
             self.context.limits,
             self.context.producer.budget.clone(),
