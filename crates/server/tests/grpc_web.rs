@@ -471,3 +471,34 @@ async fn http1_that_is_not_grpc_web_is_refused_and_the_port_stays_up() {
         .expect("StreamInfo over HTTP/2");
     assert_eq!(info.into_inner().next_sequence, 1);
 }
+
+#[tokio::test]
+async fn a_cancelled_publish_gives_back_its_slot_and_gauge() {
+    let server = start(&[]).await;
+    // A Publish upload that never ends, then the client goes away.
+    let (tx, rx) = tokio::sync::mpsc::channel::<PublishRequest>(1);
+    let mut client = common::client(&server).await;
+    let call = tokio::spawn(async move {
+        client
+            .publish(tokio_stream_from(rx))
+            .await
+            .map(|response| response.into_inner().accepted)
+    });
+    tx.send(packet(1, b"first")).await.expect("send");
+    common::eventually("the upload is counted", || async {
+        common::metric(&server, "packet_ingest_publishers").await == 1.0
+    })
+    .await;
+    call.abort();
+    drop(tx);
+    common::eventually("the cancelled upload is no longer counted", || async {
+        common::metric(&server, "packet_ingest_publishers").await == 0.0
+    })
+    .await;
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<PublishRequest>,
+) -> impl futures::Stream<Item = PublishRequest> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

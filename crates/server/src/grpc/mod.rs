@@ -288,8 +288,7 @@ impl PacketsService {
                 &publisher.allowed,
             )
             .await;
-        drop(publisher.slot);
-        self.metrics.publishers.dec();
+        drop((publisher.slot, publisher._counted));
         self.publish_answer(outcome)
     }
 
@@ -316,8 +315,7 @@ impl PacketsService {
             }
             Err(status) => Err(status),
         };
-        drop(publisher.slot);
-        self.metrics.publishers.dec();
+        drop((publisher.slot, publisher._counted));
         self.publish_answer(outcome)
     }
 
@@ -356,6 +354,7 @@ impl PacketsService {
         };
         self.metrics.publishers.inc();
         Ok(Publisher {
+            _counted: PublisherCount(self.metrics.publishers.clone()),
             slot,
             allowed,
             source,
@@ -657,8 +656,10 @@ impl PacketsService {
     }
 }
 
-/// An admitted Publish or PublishBatch call.
+/// An admitted Publish or PublishBatch call. Dropped when the call ends,
+/// also when it is cancelled (client gone, deadline): slot and gauge follow.
 struct Publisher {
+    _counted: PublisherCount,
     slot: crate::connections::ConnectionSlot,
     allowed: Allowed,
     source: Arc<str>,
@@ -667,6 +668,15 @@ struct Publisher {
     /// The request's `grpc-encoding`.
     encoding: Option<Encoding>,
     body: Body,
+}
+
+/// Keeps `packet_ingest_publishers` right however a call ends.
+struct PublisherCount(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for PublisherCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Reads the one request message of a unary or server-streaming call.
