@@ -67,13 +67,17 @@ def packet_json(packet):
 
 def digest_ok(packet, key):
     """True if the digest is the SHA-256 (or, with a key, HMAC) the producer sent."""
-    plain = pktcommon.signed_header(packet.channel, len(packet.payload), 0) + packet.payload
-    if hashlib.sha256(plain).digest() == packet.digest:
-        return True
-    if key is not None:
-        signed = pktcommon.signed_header(packet.channel, len(packet.payload), pktcommon.FLAG_HMAC)
-        expected = hmac.new(key, signed + packet.payload, hashlib.sha256).digest()
-        return hmac.compare_digest(expected, packet.digest)
+    # The digest covers the producer's flags byte, which a delivered packet does
+    # not carry: 0, or FLAG_ACK if the producer asked for acknowledgements.
+    for ack in (0, pktcommon.FLAG_ACK):
+        plain = pktcommon.signed_header(packet.channel, len(packet.payload), ack) + packet.payload
+        if hashlib.sha256(plain).digest() == packet.digest:
+            return True
+        if key is not None:
+            signed = pktcommon.signed_header(packet.channel, len(packet.payload), pktcommon.FLAG_HMAC | ack)
+            expected = hmac.new(key, signed + packet.payload, hashlib.sha256).digest()
+            if hmac.compare_digest(expected, packet.digest):
+                return True
     return False
 
 

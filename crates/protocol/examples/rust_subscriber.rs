@@ -35,8 +35,8 @@ use std::{
 use bytes::Bytes;
 use clap::Parser;
 use packet_ingest_protocol::{
-    client::packet_json,
-    frame::{sha256_frame, Channel},
+    client::{make_frame_with, packet_json},
+    frame::{Channel, FLAG_ACK},
     pb::{packets_client::PacketsClient, Packet, SubscribeRequest},
 };
 use tonic::{metadata::MetadataValue, Code, Request};
@@ -80,8 +80,18 @@ struct Args {
 }
 
 fn digest_ok(packet: &Packet) -> bool {
-    let frame = sha256_frame(Channel(packet.channel), Bytes::clone(&packet.payload));
-    frame.digest.0[..] == packet.digest[..]
+    // The digest covers the producer's flags byte, which a delivered packet
+    // does not carry: a plain frame had 0, or FLAG_ACK if its producer asked
+    // for acknowledgements (SPEC §9). HMAC digests need the key.
+    [0, FLAG_ACK].into_iter().any(|flags| {
+        let frame = make_frame_with(
+            Channel(packet.channel),
+            Bytes::clone(&packet.payload),
+            None,
+            flags,
+        );
+        frame.digest.0[..] == packet.digest[..]
+    })
 }
 
 fn bearer(
