@@ -121,18 +121,8 @@ async fn a_browser_publishes_and_subscribes_with_grpc_web() {
         closed.grpc_addr.port()
     );
     let mut browser = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=60000",
-            "--dump-dom",
-        ])
+        .args(common::HEADLESS_CHROMIUM)
+        .args(["--virtual-time-budget=60000", "--dump-dom"])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(&url)
         .stdout(Stdio::piped())

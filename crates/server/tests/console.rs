@@ -552,21 +552,13 @@ impl Driver {
 
     /// A headless Chromium session in a fresh profile.
     async fn browser(&self, profile: &std::path::Path) -> fantoccini::Client {
-        let options = serde_json::json!({
-            "args": [
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--window-size=1200,900",
-                format!("--user-data-dir={}", profile.display()),
-            ],
-        });
+        let mut args: Vec<String> = common::HEADLESS_CHROMIUM.map(String::from).to_vec();
+        args.extend([
+            "--disable-dev-shm-usage".to_owned(),
+            "--window-size=1200,900".to_owned(),
+            format!("--user-data-dir={}", profile.display()),
+        ]);
+        let options = serde_json::json!({ "args": args });
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("goog:chromeOptions".into(), options);
         fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())

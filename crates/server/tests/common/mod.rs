@@ -16,6 +16,19 @@ use packet_ingest::{
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tonic::{transport::Channel as GrpcChannel, Streaming};
 
+/// Headless Chromium as root on a closed network: without the networking
+/// flags it keeps trying to reach Google's hosts (tests/browser.rs, console.rs).
+pub const HEADLESS_CHROMIUM: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 /// Generous bound for anything a test waits on; a hang fails instead of stalling CI.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
