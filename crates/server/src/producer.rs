@@ -163,7 +163,12 @@ impl Producer {
             .await
         {
             Ok(placed) => {
-                if let Some(last) = placed.last_sequence.filter(|_| accepted > 0) {
+                // In cluster mode the sequences may not be known yet (placed
+                // later by the sequencer): record only a range that fits.
+                if let Some(last) = placed
+                    .last_sequence
+                    .filter(|last| accepted > 0 && last.saturating_add(1) >= accepted)
+                {
                     span.record("first_sequence", last + 1 - accepted);
                     span.record("last_sequence", last);
                 }
