@@ -108,6 +108,14 @@ impl PacketsService {
         headers
     }
 
+    /// The status for `error`, counted by its refusal reason.
+    fn counted(&self, error: ServiceError) -> Status {
+        if let Some(reason) = error.refusal_reason() {
+            self.metrics.requests_refused.inc(reason);
+        }
+        error.into()
+    }
+
     fn refuse(&self, error: ServiceError) -> http::Response<Body> {
         if let Some(reason) = error.refusal_reason() {
             self.metrics.requests_refused.inc(reason);
@@ -413,10 +421,7 @@ impl PacketsService {
                             batch.frames.push(frame);
                         }
                         Err(error) => {
-                            if let Some(reason) = error.refusal_reason() {
-                                self.metrics.requests_refused.inc(reason);
-                            }
-                            refusal = Some(error.into());
+                            refusal = Some(self.counted(error));
                             break;
                         }
                     }
@@ -492,12 +497,8 @@ impl PacketsService {
                         match message.and_then(|message| message.ok_or(Status::ok(""))) {
                             Ok(message) => match framing::decode::<PublishRequest>(message)
                                 .and_then(|request| {
-                                    self.frame_from(request, allowed).map_err(|error| {
-                                        if let Some(reason) = error.refusal_reason() {
-                                            self.metrics.requests_refused.inc(reason);
-                                        }
-                                        Status::from(error)
-                                    })
+                                    self.frame_from(request, allowed)
+                                        .map_err(|error| self.counted(error))
                                 })
                             {
                                 Ok(frame) => {
