@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / ".ci"))
 import cilib  # noqa: E402
 
-NAME = Path(sys.argv[0]).stem  # "compare" or "cluster", for log lines
+NAME = Path(sys.argv[0]).stem  # "compare", "cluster" or "compression", for log lines
 
 
 def log(message):

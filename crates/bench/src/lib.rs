@@ -11,8 +11,13 @@
 //! ```text
 //! 0..8   send time, unix nanos, big-endian (0 unless --rate is given)
 //! 8..16  producer-local index, big-endian (see `Plan::index_modulus`)
-//! 16..   filler
+//! 16..   --payload: filler (one byte), text (log lines) or random bytes
 //! ```
+//!
+//! `--compression gzip|zstd` asks packet-ingest for compressed Subscribe
+//! responses (and compresses Publish requests); subscribers count the bytes
+//! their sockets read ([`counted`]), so a run reports bytes on the wire per
+//! packet beside the server's CPU.
 //!
 //! Producer `p` sends on channel `p` (NATS subject `bench.<p>`), so a subscriber
 //! finds the producer of a packet from its channel and checks the packet's
@@ -25,6 +30,7 @@
 //! values. CPU used by this process and, with `--server-pid`, by the server is
 //! read from `/proc` so results can be given per packet as well as per second.
 //!
+//! - [`counted`]: the byte-counting connector subscribers connect through.
 //! - [`nats`]: a minimal NATS protocol client (`--nats-client raw`).
 //! - [`produce`]: payloads, frames, pacing, and the TCP / Publish / NATS producers.
 //! - [`walk`]: the in-place `SubscribeResponse` walker.
@@ -32,6 +38,7 @@
 //!   and async-nats subscribers.
 //! - [`report`]: figures, the progress line, text and JSON output.
 
+mod counted;
 mod nats;
 mod produce;
 mod receive;
@@ -84,6 +91,37 @@ pub enum Via {
     Publish,
 }
 
+/// What a payload holds after its send time and index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Content {
+    /// One repeated byte: cheapest to build, compresses to almost nothing.
+    Filler,
+    /// Log lines with varying values: compresses like real text payloads.
+    Text,
+    /// Random bytes: compression cannot shrink them.
+    Random,
+}
+
+/// gRPC compression the bench asks for (packet-ingest's `--compression`
+/// must allow it): Subscribe responses accepted compressed, Publish
+/// requests sent compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
+        match self {
+            Compression::None => None,
+            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
+            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum NatsClient {
     /// The async-nats crate.
@@ -110,6 +148,13 @@ pub struct BenchArgs {
     /// Payload size in bytes (at least 16; suffixes KiB, MiB allowed).
     #[arg(long, default_value = "1KiB", value_parser = parse_size)]
     pub size: u64,
+    /// What payloads hold after their send time and index.
+    #[arg(long, value_enum, default_value_t = Content::Filler)]
+    pub payload: Content,
+    /// Compression for Subscribe responses and Publish requests
+    /// (packet-ingest only; the server must list it in --compression).
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    pub compression: Compression,
     /// Packets per producer (default 100000 unless --duration is given).
     #[arg(long, conflicts_with = "duration")]
     pub count: Option<u64>,
@@ -161,6 +206,7 @@ pub(crate) struct Plan {
     pub via: Via,
     pub producers: usize,
     pub size: usize,
+    pub content: Content,
     /// Packets per producer; `None` means until `duration` has passed.
     pub count: Option<u64>,
     pub duration: Option<Duration>,
@@ -193,6 +239,9 @@ impl Plan {
         if args.target != Target::PacketIngest && args.via == Via::Publish {
             return Err("--via publish is for --target packet-ingest".into());
         }
+        if args.target != Target::PacketIngest && args.compression != Compression::None {
+            return Err("--compression is for --target packet-ingest".into());
+        }
         let producers = args.producers as usize;
         let count = match (args.count, args.duration) {
             (Some(count), _) => Some(count),
@@ -209,6 +258,7 @@ impl Plan {
             via: args.via,
             producers,
             size,
+            content: args.payload,
             count,
             duration: args.duration,
             rate_per_producer: args.rate.map(|rate| rate / producers as f64),

@@ -121,7 +121,7 @@ pub(crate) async fn produce(
     let mut block = BytesMut::with_capacity(frames as usize * message_len);
     let put_message = |block: &mut BytesMut, stamp: u64, packet: u64| {
         block.put_slice(header.as_bytes());
-        put_payload(block, plan.size, stamp, packet);
+        put_payload(block, plan.size, plan.content, index as u32, stamp, packet);
         block.put_slice(b"\r\n");
     };
     match pacer {

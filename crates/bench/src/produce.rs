@@ -15,13 +15,16 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use std::fmt::Write as _;
+
 use bytes::{BufMut, BytesMut};
 use futures::{future, stream, StreamExt};
+use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tonic::{service::interceptor::InterceptedService, transport::Channel as GrpcChannel};
 
-use super::{nats::RawNats, BenchArgs, NatsClient, Plan, Shared, Target, Via};
+use super::{nats::RawNats, BenchArgs, Content, NatsClient, Plan, Shared, Target, Via};
 use packet_ingest_protocol::{
     client::{grpc_channel, make_frame, tls_connector, BearerToken, ToolError},
     frame::{signed_header, Channel, HEADER_LEN, SIGNED_HEADER_LEN},
@@ -48,11 +51,68 @@ pub(crate) fn unix_nanos_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_nanos() as u64)
 }
 
-/// Appends a bench payload: send time, index, filler.
-pub(crate) fn put_payload(dst: &mut BytesMut, size: usize, sent_unix_nanos: u64, index: u64) {
+/// Appends a bench payload: send time, index, then `content`. Text and random
+/// content depend on the producer and index, so no two packets repeat each
+/// other inside one compressed batch.
+pub(crate) fn put_payload(
+    dst: &mut BytesMut,
+    size: usize,
+    content: Content,
+    producer: u32,
+    sent_unix_nanos: u64,
+    index: u64,
+) {
     dst.put_u64(sent_unix_nanos);
     dst.put_u64(index);
-    dst.put_bytes(FILLER, size - super::MIN_PAYLOAD);
+    let len = size - super::MIN_PAYLOAD;
+    let rng = || StdRng::seed_from_u64((u64::from(producer) << 48) ^ index);
+    match content {
+        Content::Filler => dst.put_bytes(FILLER, len),
+        Content::Random => {
+            let start = dst.len();
+            dst.resize(start + len, 0);
+            rng().fill_bytes(&mut dst[start..]);
+        }
+        Content::Text => put_text(dst, len, &mut rng()),
+    }
+}
+
+/// Appends `len` bytes of log lines of the kind services write (timestamps,
+/// levels, paths, ids, durations): repetitive structure, varying values, which
+/// compresses the way real text payloads do (about 3-5:1), unlike the filler.
+fn put_text(dst: &mut BytesMut, len: usize, rng: &mut StdRng) {
+    const LEVELS: [&str; 4] = ["INFO", "INFO", "WARN", "DEBUG"];
+    const METHODS: [&str; 3] = ["GET", "GET", "POST"];
+    const PATHS: [&str; 5] = [
+        "/v1/orders",
+        "/v1/orders/items",
+        "/v1/users",
+        "/v2/search",
+        "/healthz",
+    ];
+    let end = dst.len() + len;
+    let mut line = String::with_capacity(192);
+    while dst.len() < end {
+        line.clear();
+        let _ = writeln!(
+            line,
+            "2026-12-02T{:02}:{:02}:{:02}.{:03}Z {} api request_id={:016x} method={} path={}/{} status={} bytes={} duration_ms={}",
+            rng.gen_range(0..24),
+            rng.gen_range(0..60),
+            rng.gen_range(0..60),
+            rng.gen_range(0..1000),
+            LEVELS[rng.gen_range(0..LEVELS.len())],
+            rng.gen::<u64>(),
+            METHODS[rng.gen_range(0..METHODS.len())],
+            PATHS[rng.gen_range(0..PATHS.len())],
+            rng.gen_range(1..100_000),
+            [200, 200, 200, 201, 404, 500][rng.gen_range(0..6)],
+            rng.gen_range(0..65_536),
+            rng.gen_range(0..250),
+        );
+        let take = line.len().min(end - dst.len());
+        dst.put_slice(&line.as_bytes()[..take]);
+    }
 }
 
 /// Appends one SPEC §2 frame, hashing it in place (no intermediate buffers).
@@ -60,13 +120,14 @@ pub(crate) fn put_frame(
     dst: &mut BytesMut,
     channel: u32,
     size: usize,
+    content: Content,
     sent_unix_nanos: u64,
     index: u64,
 ) {
     let start = dst.len();
     dst.put_slice(&signed_header(Channel(channel), 0, size as u32));
     dst.put_bytes(0, 32);
-    put_payload(dst, size, sent_unix_nanos, index);
+    put_payload(dst, size, content, channel, sent_unix_nanos, index);
     let frame = &mut dst[start..];
     let mut hasher = Sha256::new();
     hasher.update(&frame[..SIGNED_HEADER_LEN]);
@@ -74,9 +135,15 @@ pub(crate) fn put_frame(
     frame[SIGNED_HEADER_LEN..HEADER_LEN].copy_from_slice(&hasher.finalize());
 }
 
-fn publish_request(channel: u32, size: usize, sent_unix_nanos: u64, index: u64) -> PublishRequest {
+fn publish_request(
+    channel: u32,
+    size: usize,
+    content: Content,
+    sent_unix_nanos: u64,
+    index: u64,
+) -> PublishRequest {
     let mut payload = BytesMut::with_capacity(size);
-    put_payload(&mut payload, size, sent_unix_nanos, index);
+    put_payload(&mut payload, size, content, channel, sent_unix_nanos, index);
     packet_ingest_protocol::client::publish_request(&make_frame(
         Channel(channel),
         payload.freeze(),
@@ -168,10 +235,13 @@ async fn connect(plan: &Plan, args: &BenchArgs) -> Result<Connected, ToolError> 
             let channel = grpc_channel(&args.grpc_addr, &args.tls)
                 .await
                 .map_err(|error| format!("cannot connect to {}: {error}", args.grpc_addr))?;
-            let client =
+            let mut client =
                 PacketsClient::with_interceptor(channel, BearerToken::new(args.token.as_deref())?)
                     .max_encoding_message_size(usize::MAX)
                     .max_decoding_message_size(usize::MAX);
+            if let Some(encoding) = args.compression.encoding() {
+                client = client.send_compressed(encoding);
+            }
             Ok(Connected::Publish(Box::new(client)))
         }
     }
@@ -280,7 +350,7 @@ async fn tcp_producer(
             let frames = block_frames(plan.size, plan.count);
             let mut block = BytesMut::with_capacity(frames as usize * frame_len);
             for position in 0..frames {
-                put_frame(&mut block, channel, plan.size, 0, position);
+                put_frame(&mut block, channel, plan.size, plan.content, 0, position);
             }
             while limit.allows(sent) {
                 let n = limit.remaining(sent).min(frames);
@@ -302,7 +372,7 @@ async fn tcp_producer(
                 }
                 let stamp = unix_nanos_now();
                 for packet in sent..due {
-                    put_frame(&mut buf, channel, plan.size, stamp, packet);
+                    put_frame(&mut buf, channel, plan.size, plan.content, stamp, packet);
                 }
                 writer.write_all(&buf).await?;
                 buf.clear();
@@ -329,12 +399,13 @@ async fn publish_producer(
 ) -> Result<ProducerReport, ToolError> {
     let channel = index as u32;
     let size = plan.size;
+    let content = plan.content;
     let counter = Arc::clone(shared);
     let response = match pacer {
         None => {
             let frames = block_frames(size, plan.count);
             let block: Vec<PublishRequest> = (0..frames)
-                .map(|position| publish_request(channel, size, 0, position))
+                .map(|position| publish_request(channel, size, content, 0, position))
                 .collect();
             // Cloning a request clones two `Bytes` handles: no copy, no hashing.
             let requests = stream::iter(0u64..)
@@ -355,7 +426,7 @@ async fn publish_producer(
                     if pacer.due(Instant::now()) <= sent {
                         tokio::time::sleep_until(pacer.time_of(sent).into()).await;
                     }
-                    let request = publish_request(channel, size, unix_nanos_now(), sent);
+                    let request = publish_request(channel, size, content, unix_nanos_now(), sent);
                     counter.sent[index].store(sent + 1, Ordering::Relaxed);
                     Some((request, sent + 1))
                 }
@@ -399,7 +470,14 @@ async fn nats_producer(
         if chunk.capacity() < plan.size {
             chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
         }
-        put_payload(&mut chunk, plan.size, stamp, sent);
+        put_payload(
+            &mut chunk,
+            plan.size,
+            plan.content,
+            index as u32,
+            stamp,
+            sent,
+        );
         client
             .publish(subject.clone(), chunk.split().freeze())
             .await
@@ -473,7 +551,14 @@ async fn jetstream_producer(
         if chunk.capacity() < plan.size {
             chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
         }
-        put_payload(&mut chunk, plan.size, stamp, sent);
+        put_payload(
+            &mut chunk,
+            plan.size,
+            plan.content,
+            index as u32,
+            stamp,
+            sent,
+        );
         let ack = context
             .publish(subject.clone(), chunk.split().freeze())
             .await
@@ -505,8 +590,8 @@ mod tests {
     #[test]
     fn frames_built_in_place_verify_and_carry_time_and_index() {
         let mut wire = BytesMut::new();
-        put_frame(&mut wire, 3, 64, 1234, 0);
-        put_frame(&mut wire, 3, 64, 1234, 1);
+        put_frame(&mut wire, 3, 64, Content::Filler, 1234, 0);
+        put_frame(&mut wire, 3, 64, Content::Text, 1234, 1);
         let mut decoder = FrameDecoder::new(FrameLimits {
             max_payload: 1 << 20,
             hmac_key_configured: false,
@@ -525,7 +610,7 @@ mod tests {
 
     #[test]
     fn publish_requests_carry_the_tcp_digest() {
-        let request = publish_request(1, 32, 0, 9);
+        let request = publish_request(1, 32, Content::Random, 0, 9);
         let frame = make_frame(Channel(1), request.payload.clone(), None);
         assert_eq!(&request.digest[..], &frame.digest.0);
     }

@@ -8,7 +8,7 @@
 //! two loads from the payload: no allocation, no hashing, no map lookup.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -27,7 +27,7 @@ use super::{
     BenchArgs, NatsClient, Plan, Shared, Target, SUBSCRIBE_GRACE,
 };
 use packet_ingest_protocol::{
-    client::{grpc_channel, BearerToken},
+    client::{grpc_endpoint, BearerToken},
     pb::SubscribeRequest,
 };
 
@@ -64,6 +64,9 @@ pub(crate) struct SubStats {
     pub foreign: u64,
     /// NATS only: slow-consumer events the client library reported.
     pub slow_consumer_events: u64,
+    /// packet-ingest only: bytes this subscriber's connection read from the
+    /// socket (compressed or not, with HTTP/2 and TLS framing).
+    pub wire_bytes: Option<Arc<AtomicU64>>,
     pub last_sequence: u64,
     pub last_at: Option<Instant>,
     cursors: Vec<Cursor>,
@@ -93,6 +96,7 @@ impl SubStats {
             payload_errors: 0,
             foreign: 0,
             slow_consumer_events: 0,
+            wire_bytes: None,
             last_sequence: 0,
             last_at: None,
             cursors: sources
@@ -415,12 +419,18 @@ async fn grpc_subscriber(
     stats: Arc<Mutex<SubStats>>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(), String> {
-    let channel = grpc_channel(&args.grpc_addr, &args.tls)
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    lock(&stats).wire_bytes = Some(Arc::clone(&wire_bytes));
+    let endpoint = grpc_endpoint(&args.grpc_addr, &args.tls).map_err(|error| error.to_string())?;
+    let channel = crate::counted::connect(&endpoint, wire_bytes)
         .await
         .map_err(|error| format!("cannot connect to {}: {error}", args.grpc_addr))?;
     let token = BearerToken::new(args.token.as_deref()).map_err(|error| error.to_string())?;
     let mut grpc = tonic::client::Grpc::new(InterceptedService::new(channel, token))
         .max_decoding_message_size(usize::MAX);
+    if let Some(encoding) = args.compression.encoding() {
+        grpc = grpc.accept_compressed(encoding);
+    }
     grpc.ready()
         .await
         .map_err(|error| format!("gRPC connection not ready: {error}"))?;
@@ -557,6 +567,7 @@ mod tests {
             via: crate::Via::Tcp,
             producers: 2,
             size: 16,
+            content: crate::Content::Filler,
             count: Some(10),
             duration: None,
             rate_per_producer: None,

@@ -10,7 +10,10 @@ use std::{
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::{produce::ProducerReport, receive::SubStats, BenchArgs, Plan, Shared, Target, Via};
+use super::{
+    produce::ProducerReport, receive::SubStats, BenchArgs, Compression, Content, Plan, Shared,
+    Target, Via,
+};
 
 /// `/proc/PID/stat` counts CPU time in USER_HZ ticks, which Linux fixes at 100
 /// for every architecture it exports to user space.
@@ -199,6 +202,7 @@ struct SubReport {
     payload_errors: u64,
     foreign: u64,
     slow_consumer_events: u64,
+    wire_bytes: Option<u64>,
     error: Option<String>,
 }
 
@@ -234,6 +238,8 @@ pub(crate) struct BenchReport {
     via: Via,
     producers: usize,
     size: usize,
+    content: Content,
+    compression: Compression,
     rate: Option<f64>,
     count: Option<u64>,
     duration: Option<Duration>,
@@ -290,6 +296,10 @@ impl BenchReport {
                 payload_errors: stats.payload_errors,
                 foreign: stats.foreign,
                 slow_consumer_events: stats.slow_consumer_events,
+                wire_bytes: stats
+                    .wire_bytes
+                    .as_ref()
+                    .map(|bytes| bytes.load(std::sync::atomic::Ordering::Relaxed)),
                 error,
             });
         }
@@ -302,6 +312,8 @@ impl BenchReport {
             via: plan.via,
             producers: plan.producers,
             size: plan.size,
+            content: plan.content,
+            compression: args.compression,
             rate: args.rate,
             count: plan.count,
             duration: plan.duration,
@@ -355,6 +367,11 @@ impl BenchReport {
         per_second(bytes as f64 / 1e6, self.delivered_elapsed())
     }
 
+    /// Bytes all subscribers read off their sockets, when they were counted.
+    fn wire_bytes(&self) -> Option<u64> {
+        self.subscribers.iter().map(|sub| sub.wire_bytes).sum()
+    }
+
     fn total(&self, field: impl Fn(&SubReport) -> u64) -> u64 {
         self.subscribers.iter().map(field).sum()
     }
@@ -382,6 +399,7 @@ impl BenchReport {
                     "payload_errors": sub.payload_errors,
                     "foreign": sub.foreign,
                     "slow_consumer_events": sub.slow_consumer_events,
+                    "wire_bytes": sub.wire_bytes,
                     "complete": sub.complete(),
                     "error": sub.error,
                 })
@@ -405,6 +423,8 @@ impl BenchReport {
             "producers": self.producers,
             "subscribers": self.subscribers.len(),
             "size": self.size,
+            "payload": format!("{:?}", self.content).to_lowercase(),
+            "compression": format!("{:?}", self.compression).to_lowercase(),
             "rate": self.rate,
             "count_per_producer": self.count,
             "duration_s": self.duration.map(|duration| duration.as_secs_f64()),
@@ -428,6 +448,10 @@ impl BenchReport {
             "order_errors": self.total(|sub| sub.order_errors),
             "payload_errors": self.total(|sub| sub.payload_errors),
             "foreign": self.total(|sub| sub.foreign),
+            "wire": self.wire_bytes().map(|bytes| json!({
+                "subscriber_bytes": bytes,
+                "bytes_per_delivered_packet": (self.delivered() > 0).then(|| bytes as f64 / self.delivered() as f64),
+            })),
             "complete": self.ok(),
             "latency_us": self.latency.map(Percentiles::to_json),
             "server_latency_us": self.server_latency.map(Percentiles::to_json),
@@ -504,6 +528,16 @@ impl BenchReport {
             si(self.aggregate_rate()),
             self.aggregate_mb_rate()
         );
+        if let Some(bytes) = self.wire_bytes().filter(|_| self.delivered() > 0) {
+            let _ = writeln!(
+                out,
+                "wire        {bytes} bytes read by subscribers: {:.1} B per delivered packet of {} B ({} payload, compression {})",
+                bytes as f64 / self.delivered() as f64,
+                self.size,
+                format!("{:?}", self.content).to_lowercase(),
+                format!("{:?}", self.compression).to_lowercase(),
+            );
+        }
         if let Some(latency) = self.latency {
             let _ = writeln!(out, "latency     send -> delivery {}", latency.to_text());
         }

@@ -1,6 +1,6 @@
 //! The load generator against a real server over loopback sockets: TCP,
-//! Publish, large packets and a paced run must each come back complete and in
-//! order at every subscriber. It never asserts speed (CI machines are shared).
+//! Publish, large packets, a paced run and compressed streams must each come
+//! back complete and in order at every subscriber. It never asserts speed (CI machines are shared).
 
 use clap::Parser;
 use packet_ingest::{
@@ -53,11 +53,13 @@ async fn bench_runs_are_complete_and_in_order_over_every_path() {
         "127.0.0.1:0",
         "--slow-subscriber",
         "block",
+        "--compression",
+        "gzip,zstd",
     ])
     .expect("valid server arguments");
     let settings = Settings::load(args).expect("usable configuration");
     let server = server::start(settings).await.expect("server starts");
-    let runs: [&[&str]; 4] = [
+    let runs: [&[&str]; 6] = [
         &[
             "--producers",
             "2",
@@ -91,6 +93,27 @@ async fn bench_runs_are_complete_and_in_order_over_every_path() {
             "64KiB",
         ],
         &["--count", "1000", "--size", "1KiB", "--rate", "20000"],
+        // Compressed both ways: Publish requests in, Subscribe responses out.
+        &[
+            "--subscribers",
+            "2",
+            "--count",
+            "3000",
+            "--payload",
+            "text",
+            "--compression",
+            "zstd",
+            "--via",
+            "publish",
+        ],
+        &[
+            "--count",
+            "3000",
+            "--payload",
+            "random",
+            "--compression",
+            "gzip",
+        ],
     ];
     for run in runs {
         assert!(

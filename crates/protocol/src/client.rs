@@ -39,6 +39,15 @@ pub async fn grpc_channel(
     addr: &str,
     tls: &TlsClientArgs,
 ) -> Result<tonic::transport::Channel, ToolError> {
+    Ok(grpc_endpoint(addr, tls)?.connect().await?)
+}
+
+/// The endpoint [`grpc_channel`] connects to, for callers that bring their
+/// own connector (the bench counts the bytes its subscribers read).
+pub fn grpc_endpoint(
+    addr: &str,
+    tls: &TlsClientArgs,
+) -> Result<tonic::transport::Endpoint, ToolError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let url = match (addr.contains("://"), tls.ca_cert.is_some()) {
         (true, true) => addr.replacen("http://", "https://", 1),
@@ -62,7 +71,7 @@ pub async fn grpc_channel(
         }
         endpoint = endpoint.tls_config(config)?;
     }
-    Ok(endpoint.connect().await?)
+    Ok(endpoint)
 }
 
 /// Adds `authorization: Bearer <token>` to every request when a token is set.

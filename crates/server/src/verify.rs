@@ -152,6 +152,20 @@ impl VerifyPool {
         self.pool.current_num_threads()
     }
 
+    /// Runs other CPU-bound work that must stay off the reactor (compressing
+    /// a response) on the same pool, so it shares the cores verification uses.
+    pub fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (reply, result) = oneshot::channel();
+        self.pool.spawn(move || {
+            // The receiver is gone only if the stream was dropped meanwhile.
+            let _ = reply.send(work());
+        });
+        result
+    }
+
     fn spawn(
         &self,
         source: Arc<str>,

@@ -670,6 +670,18 @@ impl Delivery {
         self.whole.is_some()
     }
 
+    /// Whether `into_message` with `encoding` would compress here: false when
+    /// it sends the records as they are, or a batch compressed before.
+    pub fn needs_compressing(&self, encoding: Encoding) -> bool {
+        if self.records_len < MIN_COMPRESSED {
+            return false;
+        }
+        match (&self.whole, self.missed) {
+            (Some(batch), 0) => batch.compressed[encoding.index()].get().is_none(),
+            _ => true,
+        }
+    }
+
     /// The response as chunks to send in order: as `into_chunks`, or, with
     /// `compression`, one compressed message. A whole batch with nothing
     /// missed is compressed once for every subscriber (the batch keeps it);
@@ -898,6 +910,41 @@ mod tests {
             vec![expected(200, &fields(9, b"payload", 3, 77))]
         );
         assert_eq!(batch.received_unix_nanos(), 77);
+    }
+
+    #[test]
+    fn only_work_not_done_before_needs_compressing() {
+        let payload = [b'a'; 1024];
+        let mut builder = EncodedPacketsBuilder::with_capacity(0, 0, 1);
+        builder.push(&fields(1, &payload, 0, 1));
+        builder.push(&fields(2, &payload, 1, 1));
+        let batch = Arc::new(builder.finish().stamp(1));
+        let metrics = CompressionMetrics::default();
+        let whole = || {
+            let mut delivery = Delivery::default();
+            delivery.push_whole(&batch);
+            delivery
+        };
+        assert!(whole().needs_compressing(Encoding::Gzip));
+        let first = whole().into_message(Some((Encoding::Gzip, &metrics)));
+        // The batch keeps its gzip form: the next subscriber takes it as is,
+        // and the same bytes; zstd is still to do.
+        assert!(!whole().needs_compressing(Encoding::Gzip));
+        assert!(whole().needs_compressing(Encoding::Zstd));
+        assert_eq!(
+            whole().into_message(Some((Encoding::Gzip, &metrics))),
+            first
+        );
+        // Part of a batch is compressed per delivery; small ones never.
+        let mut part = Delivery::default();
+        part.push(batch.records(0..1), 1);
+        assert!(part.needs_compressing(Encoding::Gzip));
+        let mut small = EncodedPacketsBuilder::with_capacity(0, 0, 1);
+        small.push(&fields(1, b"tiny", 0, 1));
+        let small = Arc::new(small.finish().stamp(1));
+        let mut tiny = Delivery::default();
+        tiny.push_whole(&small);
+        assert!(!tiny.needs_compressing(Encoding::Zstd));
     }
 
     #[test]

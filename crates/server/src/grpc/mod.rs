@@ -265,13 +265,25 @@ impl PacketsService {
             Some(replay) => replay.chain(live).boxed(),
             None => live.boxed(),
         };
+        // Compressing a batch takes milliseconds: it runs on the verify pool,
+        // never on a reactor thread; a batch compressed before is sent as is.
         let metrics = Arc::clone(&self.metrics);
-        let messages = stream.map(move |delivery| {
-            delivery.map(|delivery| {
-                delivery.into_message(
-                    response_encoding.map(|encoding| (encoding, &metrics.compression)),
-                )
-            })
+        let pool = self.producer.pool.clone();
+        let messages = stream.then(move |delivery| {
+            let metrics = Arc::clone(&metrics);
+            let pool = pool.clone();
+            async move {
+                let delivery = delivery?;
+                match response_encoding {
+                    Some(encoding) if delivery.needs_compressing(encoding) => pool
+                        .run(move || delivery.into_message(Some((encoding, &metrics.compression))))
+                        .await
+                        .map_err(|_| Status::unavailable("the server is shutting down")),
+                    _ => Ok(delivery.into_message(
+                        response_encoding.map(|encoding| (encoding, &metrics.compression)),
+                    )),
+                }
+            }
         });
         Ok((Box::pin(messages), response_encoding))
     }
