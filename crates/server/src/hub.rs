@@ -279,6 +279,10 @@ pub struct Hub {
     config: HubConfig,
     metrics: Arc<Metrics>,
     sequence_hint: SequenceHint,
+    /// Bytes read from the log that subscribers hold (catch-up read-ahead):
+    /// each read is sized so that together they stay within half of
+    /// `--memory-limit` (see `Subscription::take_from_disk`).
+    disk_read_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -346,6 +350,7 @@ impl Hub {
                 hint.set(next_sequence);
                 hint
             },
+            disk_read_bytes: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -760,6 +765,7 @@ impl Hub {
             cursor,
             replaying,
             disk: VecDeque::new(),
+            disk_held: 0,
             pending_missed: missed,
             matched_before_cursor,
             filter,

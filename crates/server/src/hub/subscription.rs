@@ -26,6 +26,8 @@ pub struct Subscription {
     pub(super) replaying: bool,
     /// Batches read ahead from the log (large sequential reads).
     pub(super) disk: VecDeque<Arc<SequencedBatch>>,
+    /// Bytes of `disk` charged to `Hub::disk_read_bytes`.
+    pub(super) disk_held: usize,
     pub(super) pending_missed: u64,
     /// Filtered subscribers: packets of their channels with sequence < cursor
     /// (counted from when the hub started watching those channels).
@@ -45,8 +47,10 @@ enum Take {
     Disk,
 }
 
-/// Bytes one read from the log asks for (read-ahead).
+/// Bytes one read from the log asks for (read-ahead) when memory allows.
 const DISK_READ: usize = 4 << 20;
+/// The smallest read, however many subscribers are catching up.
+const MIN_DISK_READ: usize = 64 << 10;
 
 impl Subscription {
     /// The next batch for this subscriber, or `Idle` if none came within
@@ -93,6 +97,9 @@ impl Subscription {
                     // Back from the log: count this filter's packets afresh.
                     self.replaying = false;
                     self.disk.clear();
+                    // (release_disk_read, field by field: the ring is locked)
+                    let held = std::mem::take(&mut self.disk_held);
+                    self.hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
                     if self.filter.channels().is_some() {
                         let below: Vec<Arc<SequencedBatch>> = ring
                             .batches
@@ -170,11 +177,19 @@ impl Subscription {
             self.disk.pop_front();
         }
         if self.disk.is_empty() {
+            self.release_disk_read();
             let Some(log) = self.hub.log.clone() else {
                 return Ok(None);
             };
             let from = self.cursor;
-            let read = tokio::task::spawn_blocking(move || log.read(from, DISK_READ))
+            // Stalled catch-up streams keep what they read, and the memory
+            // ring does not see it: reads share half of --memory-limit, so
+            // many catch-up subscribers get smaller reads, not more memory.
+            let in_use = self.hub.disk_read_bytes.load(Ordering::Acquire);
+            let size = (self.hub.config.memory_limit / 2)
+                .saturating_sub(in_use)
+                .clamp(MIN_DISK_READ, DISK_READ);
+            let read = tokio::task::spawn_blocking(move || log.read(from, size))
                 .await
                 .map_err(|_| SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other))?
                 .map_err(|error| {
@@ -194,12 +209,24 @@ impl Subscription {
                 self.slot.cursor.store(self.cursor, Ordering::Release);
                 return Ok(None);
             }
+            self.disk_held = read.batches.iter().map(|batch| batch.body().len()).sum();
+            self.hub
+                .disk_read_bytes
+                .fetch_add(self.disk_held, Ordering::AcqRel);
             self.disk.extend(read.batches.into_iter().map(Arc::new));
         }
         let batches: Vec<Arc<SequencedBatch>> = self.disk.iter().cloned().collect();
         let delivery = self.collect(batches, self.hub.config.max_delivery_bytes);
         self.slot.cursor.store(self.cursor, Ordering::Release);
         Ok(delivery)
+    }
+
+    /// Returns this subscriber's log read to the shared allowance.
+    fn release_disk_read(&mut self) {
+        let held = std::mem::take(&mut self.disk_held);
+        if held > 0 {
+            self.hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
+        }
     }
 
     /// Delivers whole batches one at a time where it can (for compressed
@@ -307,6 +334,7 @@ fn take_matching(
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.release_disk_read();
         let mut ring = self.hub.lock();
         ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
         if let Some(channels) = self.filter.channels() {

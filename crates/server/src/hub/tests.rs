@@ -374,3 +374,70 @@ async fn filtered_resume_from_the_middle_of_the_ring_counts_exact_losses() {
     assert_eq!(missed + got.len() as u64, 22, "{got:?}");
     assert!(got.iter().all(|sequence| sequence % 2 == 1));
 }
+
+#[tokio::test]
+async fn catch_up_reads_share_half_the_memory_limit() {
+    use crate::log::{FsyncPolicy, Log, LogOptions};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = Log::open(
+        LogOptions {
+            dir: dir.path().to_owned(),
+            segment_bytes: 64 << 20,
+            retention_bytes: None,
+            retention_age: None,
+            fsync: FsyncPolicy::Never,
+            fsync_interval: Duration::from_millis(100),
+        },
+        Metrics::new(),
+    )
+    .expect("log opens");
+    let mut writer = opened.writer;
+    // 8 MiB of log: 64 batches of 16 packets of 8 KiB.
+    let mut next = 1;
+    for _ in 0..64 {
+        let stamped = Arc::new(batch(&[1; 16], 8 << 10).stamp(next));
+        next = stamped.end_sequence();
+        writer.write(&[stamped]).expect("log write");
+    }
+    let memory = 1 << 20;
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 16,
+            memory_limit: memory,
+            policy: SlowSubscriberPolicy::CatchUp,
+            block_timeout: Duration::from_millis(200),
+            max_delivery_bytes: 64 << 10,
+        },
+        Metrics::new(),
+        opened.log,
+        next,
+    );
+    let held = || hub.disk_read_bytes.load(Ordering::Acquire);
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let mut reader = hub
+            .subscribe_with(SubscribeOptions {
+                from_sequence: Some(1),
+                ..SubscribeOptions::default()
+            })
+            .expect("subscribes");
+        match reader.next(Duration::from_secs(5)).await {
+            Next::Delivery(delivery) => assert_eq!(sequences(delivery).1[0], 1),
+            other => panic!("expected a delivery from the log, got {other:?}"),
+        }
+        readers.push(reader);
+    }
+    // The first reader takes half the limit, the rest the smallest read (a
+    // whole batch of about 130 KiB here): together far below 8 × 4 MiB.
+    let one_batch = 16 * (8 << 10) + 4096;
+    assert!(held() >= memory / 2, "{} bytes held", held());
+    assert!(
+        held() <= memory / 2 + 7 * one_batch,
+        "{} bytes held",
+        held()
+    );
+    readers.truncate(1);
+    assert!(held() <= memory / 2 + one_batch, "{} bytes held", held());
+    readers.clear();
+    assert_eq!(held(), 0, "released with the subscriptions");
+}
