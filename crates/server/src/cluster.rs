@@ -622,16 +622,18 @@ mod tests {
         wire::{EncodedPacketsBuilder, PacketFields},
     };
 
-    fn batch(first: u64, channels: &[u32]) -> SequencedBatch {
+    /// A stored batch from `first`, one packet per entry of `channels`
+    /// (shared with the message format's tests).
+    pub(super) fn batch(first: u64, channels: &[u32]) -> SequencedBatch {
         let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0, first);
         for (index, channel) in channels.iter().enumerate() {
             builder.push(&PacketFields {
                 channel: Channel(*channel),
-                payload: b"x",
-                digest: &[0; 32],
-                source: "tcp/1",
+                payload: &[7; 40],
+                digest: &[1; 32],
+                source: "tcp/127.0.0.1:9",
                 source_sequence: index as u64,
-                received_unix_nanos: 1,
+                received_unix_nanos: 5,
             });
         }
         builder.finish().stamp(first)

@@ -137,21 +137,12 @@ fn record_at(body: &[u8], at: usize, sequence: u64) -> Option<(Channel, usize)> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{EncodedPacketsBuilder, PacketFields};
+    use crate::cluster::tests::batch as batch_on;
 
+    /// `count` packets from `first`, on channels 0, 1, 2, 0, ...
     fn batch(first: u64, count: usize) -> SequencedBatch {
-        let mut builder = EncodedPacketsBuilder::with_capacity(count, 0, first);
-        for index in 0..count {
-            builder.push(&PacketFields {
-                channel: Channel(index as u32 % 3),
-                payload: &[7; 40],
-                digest: &[1; 32],
-                source: "tcp/127.0.0.1:9",
-                source_sequence: index as u64,
-                received_unix_nanos: 5,
-            });
-        }
-        builder.finish().stamp(first)
+        let channels: Vec<u32> = (0..count as u32).map(|index| index % 3).collect();
+        batch_on(first, &channels)
     }
 
     #[test]
