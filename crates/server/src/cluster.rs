@@ -315,7 +315,22 @@ impl Cluster {
             let place = message::placement(Some(&oldest.headers))
                 .map_err(|error| self.stream_error(&error))?;
             state.first_sequence = place.first;
-            state.oldest_received_unix_nanos = oldest
+            // A marker holds no packet: the oldest one is in the message
+            // holding `first`, if any packet is retained at all.
+            let holder = match place.count == 0 && place.first < tip.next_packet {
+                false => oldest,
+                true => {
+                    let at = self
+                        .locate(place.first)
+                        .await
+                        .map_err(|error| self.stream_error(&error))?;
+                    self.stream
+                        .get_raw_message(at)
+                        .await
+                        .map_err(|error| self.stream_error(&error))?
+                }
+            };
+            state.oldest_received_unix_nanos = holder
                 .headers
                 .get(message::RECEIVED)
                 .and_then(|value| value.as_str().parse().ok())
@@ -404,37 +419,12 @@ impl Cluster {
                 continue;
             }
             *next = sequence + 1;
-            let batch = match message::decode(message.headers.as_ref(), message.payload.clone()) {
-                Ok(batch) => batch,
+            match message::decode(message.headers.as_ref(), message.payload.clone()) {
+                Ok(batch) => hand_over(&self.shared, hub, sequence, batch).await,
                 Err(error) => {
                     tracing::warn!(%error, sequence, "ignoring a JetStream message that is not a packet batch");
-                    continue;
                 }
-            };
-            let end = batch.end_sequence();
-            self.shared.advance(Tip {
-                stream_sequence: sequence,
-                next_packet: end,
-            });
-            if batch.first_sequence < hub.next_sequence() {
-                // Only a stream numbered against its own rules gets here.
-                if !batch.is_empty() {
-                    tracing::error!(
-                        first = batch.first_sequence,
-                        expected = hub.next_sequence(),
-                        "JetStream batch overlaps packets already delivered; skipped"
-                    );
-                }
-            } else if !batch.is_empty() {
-                let first = batch.first_sequence;
-                hub.publish_at(Some(first), EncodedPackets::from_sequenced(batch))
-                    .await;
             }
-            self.shared.fed.send_if_modified(|fed| {
-                let moved = end > *fed;
-                *fed = (*fed).max(end);
-                moved
-            });
         }
     }
 
@@ -508,6 +498,39 @@ impl Cluster {
     }
 }
 
+/// Hands the batch of the message stored at stream sequence `sequence` to
+/// the hub and moves the replica's tip past it. An empty batch (a marker:
+/// genesis or keepalive tip, anywhere in the stream) only moves the tip: it
+/// holds no packet, so the hub and its subscribers see nothing of it, no
+/// gap and no `missed`.
+async fn hand_over(shared: &Shared, hub: &Hub, sequence: u64, batch: SequencedBatch) {
+    let end = batch.end_sequence();
+    shared.advance(Tip {
+        stream_sequence: sequence,
+        next_packet: end,
+    });
+    if batch.is_empty() {
+        // Nothing for the hub.
+    } else if batch.first_sequence < hub.next_sequence() {
+        // Only a stream numbered against its own rules gets here.
+        tracing::error!(
+            first = batch.first_sequence,
+            expected = hub.next_sequence(),
+            "JetStream batch overlaps packets already delivered; skipped"
+        );
+    } else {
+        let first = batch.first_sequence;
+        hub.publish_at(Some(first), EncodedPackets::from_sequenced(batch))
+            .await;
+    }
+    // Everything before `end` is dealt with, markers included (pacing waits on it).
+    shared.fed.send_if_modified(|fed| {
+        let moved = end > *fed;
+        *fed = (*fed).max(end);
+        moved
+    });
+}
+
 /// The tip as JetStream has it: its last message and where that one ends.
 async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
     let mut stream = stream.clone();
@@ -541,37 +564,52 @@ fn replay_deliveries(
     until: u64,
     filter: ChannelFilter,
 ) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-    let state = (messages, from, false);
-    futures::stream::unfold(state, move |(mut messages, mut expected, done)| {
+    let batches = messages.map(|message| {
+        message.map(|message| {
+            let pending = message.info().map_or(0, |info| info.pending);
+            let batch = message::decode(message.headers.as_ref(), message.payload.clone());
+            (batch.ok(), pending)
+        })
+    });
+    replay_batches(batches, from, until, filter)
+}
+
+/// The deliveries of `batches` (each decoded message, `None` if it is not a
+/// batch, with the count of messages after it), from `from` until `until`
+/// or the last message. A message that adds nothing for the subscriber (a
+/// marker, packets it filters out) sends nothing, not even an empty response.
+fn replay_batches<E: std::fmt::Display>(
+    batches: impl Stream<Item = Result<(Option<SequencedBatch>, u64), E>> + Send + Unpin + 'static,
+    from: u64,
+    until: u64,
+    filter: ChannelFilter,
+) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
+    let state = (batches, from, false);
+    futures::stream::unfold(state, move |(mut batches, mut expected, done)| {
         let filter = filter.clone();
         async move {
             if done || expected >= until {
                 return None;
             }
             loop {
-                let message = match messages.next().await {
-                    Some(Ok(message)) => message,
+                let (batch, pending) = match batches.next().await {
+                    Some(Ok(decoded)) => decoded,
                     Some(Err(error)) => {
                         let status = tonic::Status::unavailable(format!("JetStream replay failed: {error}; resubscribe from the last sequence you saw"));
-                        return Some((Err(status), (messages, expected, true)));
+                        return Some((Err(status), (batches, expected, true)));
                     }
                     None => return None,
                 };
-                let pending = message.info().map_or(0, |info| info.pending);
-                let Ok(batch) = message::decode(message.headers.as_ref(), message.payload.clone())
-                else {
-                    if pending == 0 {
-                        return None;
-                    }
-                    continue;
+                let delivery = match batch {
+                    Some(batch) => deliver_range(&batch, &mut expected, until, &filter),
+                    None => Delivery::default(),
                 };
-                let delivery = deliver_range(&batch, &mut expected, until, &filter);
                 let finished = pending == 0 || expected >= until;
-                if finished {
-                    expected = until;
+                if delivery.packets() > 0 || delivery.missed > 0 {
+                    return Some((Ok(delivery), (batches, expected, finished)));
                 }
-                if delivery.packets() > 0 || delivery.missed > 0 || finished {
-                    return Some((Ok(delivery), (messages, expected, finished)));
+                if finished {
+                    return None;
                 }
             }
         }
@@ -619,6 +657,8 @@ mod tests {
     use super::*;
     use crate::{
         frame::Channel,
+        hub::{HubConfig, Next, SlowSubscriberPolicy},
+        metrics::Metrics,
         wire::{EncodedPacketsBuilder, PacketFields},
     };
 
@@ -639,6 +679,13 @@ mod tests {
         builder.finish().stamp(first)
     }
 
+    /// A marker (genesis or keepalive tip) saying the next packet is `next`,
+    /// decoded the way every reader decodes it.
+    fn marker(next: u64) -> SequencedBatch {
+        message::decode(Some(&message::marker_headers(next)), bytes::Bytes::new())
+            .expect("a marker decodes")
+    }
+
     #[test]
     fn replay_takes_the_requested_range_and_counts_gaps() {
         let stored = batch(10, &[1, 2, 1, 1, 2]);
@@ -651,5 +698,141 @@ mod tests {
         let mut expected = 15;
         let past = deliver_range(&stored, &mut expected, 100, &ChannelFilter::default());
         assert_eq!((past.packets(), expected), (0, 15));
+    }
+
+    #[test]
+    fn a_marker_in_a_replayed_range_delivers_nothing_and_hides_no_gap() {
+        let all = ChannelFilter::default();
+        // At the expected sequence: nothing to deliver, nothing missed.
+        let mut expected = 7;
+        let at = deliver_range(&marker(7), &mut expected, 100, &all);
+        assert_eq!((at.packets(), at.missed, expected), (0, 0, 7));
+        // Behind it: already delivered.
+        let mut expected = 9;
+        let behind = deliver_range(&marker(7), &mut expected, 100, &all);
+        assert_eq!((behind.packets(), behind.missed, expected), (0, 0, 9));
+        // Ahead of it, after retention removed the batches before it: those
+        // packets are missed, as after a batch (unfiltered subscribers only).
+        let mut expected = 3;
+        let ahead = deliver_range(&marker(7), &mut expected, 100, &all);
+        assert_eq!((ahead.packets(), ahead.missed, expected), (0, 4, 7));
+        let mut expected = 3;
+        let filtered = deliver_range(&marker(7), &mut expected, 100, &ChannelFilter::new(vec![1]));
+        assert_eq!((filtered.missed, expected), (0, 7));
+    }
+
+    /// Sequences and missed counts a replay sends for `stored` (each message
+    /// with the count of messages after it, as JetStream reports it).
+    async fn replayed(stored: Vec<SequencedBatch>, from: u64, until: u64) -> Vec<(usize, u64)> {
+        let count = stored.len() as u64;
+        let messages = stored
+            .into_iter()
+            .enumerate()
+            .map(move |(index, batch)| Ok::<_, String>((Some(batch), count - 1 - index as u64)));
+        replay_batches(
+            futures::stream::iter(messages),
+            from,
+            until,
+            ChannelFilter::default(),
+        )
+        .map(|delivery| {
+            let delivery = delivery.expect("replays");
+            (delivery.packets(), delivery.missed)
+        })
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn replay_skips_markers_anywhere_and_sends_no_empty_response() {
+        let stored = vec![
+            marker(1),
+            batch(1, &[1, 2, 3]),
+            marker(4),
+            marker(4),
+            batch(4, &[1, 1]),
+            marker(6),
+        ];
+        assert_eq!(replayed(stored, 1, 100).await, vec![(3, 0), (2, 0)]);
+        // Retention left only markers and a later batch: the expired packets
+        // are missed once, then the batch follows.
+        let stored = vec![marker(6), marker(6), batch(6, &[1]), marker(7)];
+        assert_eq!(replayed(stored, 2, 100).await, vec![(0, 4), (1, 0)]);
+        // Only a marker left: nothing retained at or after it.
+        assert_eq!(replayed(vec![marker(9)], 9, 100).await, vec![]);
+    }
+
+    fn shared_at(tip: Tip) -> Shared {
+        Shared {
+            tip: watch::Sender::new(tip),
+            fed: watch::Sender::new(tip.next_packet),
+        }
+    }
+
+    fn hub_at(next: u64) -> Arc<Hub> {
+        Hub::starting_at(
+            HubConfig {
+                retain_packets: 1000,
+                memory_limit: 1 << 20,
+                policy: SlowSubscriberPolicy::Gap,
+                block_timeout: Duration::from_millis(200),
+                max_delivery_bytes: 1 << 20,
+            },
+            Metrics::new(),
+            next,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_feed_takes_markers_anywhere_as_tips_without_deliveries() {
+        let shared = shared_at(Tip {
+            stream_sequence: 4,
+            next_packet: 5,
+        });
+        let hub = hub_at(5);
+        let mut subscription = hub
+            .subscribe(ChannelFilter::default(), None)
+            .expect("subscribes");
+        // A keepalive tip right at the hub's next sequence: the tip moves,
+        // the hub and its subscriber see nothing.
+        hand_over(&shared, &hub, 5, marker(5)).await;
+        assert_eq!(
+            *shared.tip.borrow(),
+            Tip {
+                stream_sequence: 5,
+                next_packet: 5
+            }
+        );
+        assert_eq!((hub.next_sequence(), *shared.fed.borrow()), (5, 5));
+        assert!(matches!(
+            subscription.next(Duration::from_millis(50)).await,
+            Next::Idle
+        ));
+        // Batches around more markers arrive dense, nothing missed.
+        hand_over(&shared, &hub, 6, batch(5, &[1, 2, 3])).await;
+        hand_over(&shared, &hub, 7, marker(8)).await;
+        hand_over(&shared, &hub, 8, marker(8)).await;
+        hand_over(&shared, &hub, 9, batch(8, &[4, 5])).await;
+        hand_over(&shared, &hub, 10, marker(10)).await;
+        let (mut packets, mut missed) = (0, 0);
+        while packets < 5 {
+            match subscription.next(Duration::from_secs(5)).await {
+                Next::Delivery(delivery) => {
+                    packets += delivery.packets();
+                    missed += delivery.missed;
+                }
+                other => panic!("expected packets 5..=9, got {other:?}"),
+            }
+        }
+        assert_eq!((packets, missed), (5, 0));
+        assert_eq!(subscription.cursor(), 10);
+        assert_eq!(
+            *shared.tip.borrow(),
+            Tip {
+                stream_sequence: 10,
+                next_packet: 10
+            }
+        );
+        assert_eq!((hub.next_sequence(), *shared.fed.borrow()), (10, 10));
     }
 }
