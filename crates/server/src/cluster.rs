@@ -44,8 +44,13 @@ pub const SUBJECT_PREFIX: &str = "packetingest";
 const BATCH_SUBJECT: &str = "packetingest.batch";
 /// Attempts to store one message before its batches are given up.
 const PUBLISH_ATTEMPTS: u32 = 5;
-/// JetStream's window for dropping a republished message with the same id.
+/// JetStream's window for dropping a republished message with the same id
+/// (shortened to max-age when that is shorter: JetStream requires it).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Shortest `--cluster-max-age` accepted: the keepalive (at most once a
+/// second) must leave time for a retry before the tip expires. JetStream's
+/// own minimum is 100 ms.
+pub const MIN_MAX_AGE: Duration = Duration::from_secs(2);
 /// Batches waiting for the sequencer, all connections together: bounds the
 /// memory held between verification and JetStream.
 const QUEUE_BATCHES: usize = 64;
@@ -60,6 +65,15 @@ pub enum ClusterError {
     Stream { stream: String, message: String },
     #[error("JetStream did not store a batch: {0}")]
     Publish(String),
+}
+
+/// JetStream's duplicate window for a stream with `max_age` (zero: none):
+/// JetStream refuses a window longer than max-age.
+fn duplicate_window(max_age: Duration) -> Duration {
+    match max_age.is_zero() {
+        true => DUPLICATE_WINDOW,
+        false => DUPLICATE_WINDOW.min(max_age),
+    }
 }
 
 /// How to reach the stream and what it keeps.
@@ -186,12 +200,13 @@ impl Cluster {
             0 => -1,
             bytes => i64::try_from(bytes).unwrap_or(i64::MAX),
         };
+        let duplicate_window = duplicate_window(options.max_age);
         let mut stream = jetstream
             .get_or_create_stream(StreamConfig {
                 name: options.stream.clone(),
                 subjects: vec![format!("{SUBJECT_PREFIX}.>")],
                 storage: StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
+                duplicate_window,
                 max_age: options.max_age,
                 max_bytes,
                 ..Default::default()
@@ -200,7 +215,10 @@ impl Cluster {
             .map_err(|error| stream_error(&error))?;
         // An existing stream takes this replica's retention (the last one started wins).
         let config = stream.cached_info().config.clone();
-        if config.max_age != options.max_age || config.max_bytes != max_bytes {
+        if config.max_age != options.max_age
+            || config.max_bytes != max_bytes
+            || config.duplicate_window != duplicate_window
+        {
             tracing::info!(
                 max_age = ?options.max_age,
                 max_bytes,
@@ -210,6 +228,7 @@ impl Cluster {
                 .update_stream(StreamConfig {
                     max_age: options.max_age,
                     max_bytes,
+                    duplicate_window,
                     ..config
                 })
                 .await
@@ -781,6 +800,19 @@ mod tests {
             Metrics::new(),
             next,
         )
+    }
+
+    #[test]
+    fn the_duplicate_window_fits_within_max_age() {
+        assert_eq!(duplicate_window(Duration::ZERO), DUPLICATE_WINDOW);
+        assert_eq!(
+            duplicate_window(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            duplicate_window(Duration::from_secs(3600)),
+            DUPLICATE_WINDOW
+        );
     }
 
     #[tokio::test]
