@@ -12,6 +12,19 @@
 //! those batches as they are (nothing re-encoded) and keeps the replica's
 //! view of the stream's tip, which its sequencer numbers from.
 //! `from_sequence` older than the local history is replayed from the stream.
+//!
+//! The numbering lives only in the messages, so the stream must never lose
+//! its last one. Under `--cluster-max-age` every replica therefore keeps the
+//! anchor alive: when the tip has not moved for a third of max-age (at least
+//! a second), its sequencer stores an empty *tip* marker after it (see
+//! [`publish`]). If the stream has lost every message anyway (all replicas
+//! down for longer than max-age, or a purge), JetStream's state still has
+//! the last stream sequence but nothing says which packet sequence came
+//! next; numbering from 1 again under the same `stream_id` would hand
+//! resuming clients other packets under old sequences, so a replica starting
+//! then refuses to guess and exits naming the remedy (delete the stream: a
+//! new one gets a new `stream_id`). A running replica that still knows the
+//! tip JetStream ends at re-anchors it instead.
 
 use std::{
     sync::{
@@ -24,7 +37,7 @@ use std::{
 use async_nats::jetstream::{
     self,
     consumer::{push, DeliverPolicy},
-    stream::{Config as StreamConfig, StorageType},
+    stream::{Config as StreamConfig, RawMessageErrorKind, StorageType},
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -47,6 +60,9 @@ const PUBLISH_ATTEMPTS: u32 = 5;
 /// JetStream's window for dropping a republished message with the same id
 /// (shortened to max-age when that is shorter: JetStream requires it).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Shortest keepalive interval: below it the tip messages would cost more
+/// than they are worth, and max-age this short is a test setting anyway.
+const KEEPALIVE_FLOOR: Duration = Duration::from_secs(1);
 /// Shortest `--cluster-max-age` accepted: the keepalive (at most once a
 /// second) must leave time for a retry before the tip expires. JetStream's
 /// own minimum is 100 ms.
@@ -65,6 +81,20 @@ pub enum ClusterError {
     Stream { stream: String, message: String },
     #[error("JetStream did not store a batch: {0}")]
     Publish(String),
+    #[error(
+        "JetStream stream {stream} has no messages left (the last, stream sequence {last}, \
+         was stored {idle_seconds}s ago; --cluster-max-age expired the rest, or the stream was \
+         purged): the packet numbering they carried is gone, and numbering again from 1 under \
+         the same stream_id would hand resuming subscribers other packets. Delete the stream \
+         (e.g. `nats stream rm {stream}`) to start a new one with a new stream_id; to avoid \
+         this, keep a replica running (replicas refresh an idle stream's last message) or \
+         raise --cluster-max-age"
+    )]
+    NumberingLost {
+        stream: String,
+        last: u64,
+        idle_seconds: u64,
+    },
 }
 
 /// JetStream's duplicate window for a stream with `max_age` (zero: none):
@@ -74,6 +104,15 @@ fn duplicate_window(max_age: Duration) -> Duration {
         true => DUPLICATE_WINDOW,
         false => DUPLICATE_WINDOW.min(max_age),
     }
+}
+
+/// How long the tip may stand still before an idle replica stores an empty
+/// tip marker after it (`None`: no max-age, nothing expires). A third of
+/// max-age leaves two thirds for a failed attempt, its retry and the feed's
+/// delay in seeing another replica's message, at three small messages per
+/// max-age of idleness; never below [`KEEPALIVE_FLOOR`].
+pub fn keepalive_interval(max_age: Duration) -> Option<Duration> {
+    (!max_age.is_zero()).then(|| (max_age / 3).max(KEEPALIVE_FLOOR))
 }
 
 /// How to reach the stream and what it keeps.
@@ -235,7 +274,15 @@ impl Cluster {
                 .map_err(|error| stream_error(&error))?;
         }
         let info = stream.info().await.map_err(|error| stream_error(&error))?;
-        if info.state.last_sequence == 0 {
+        let state = info.state.clone();
+        if state.last_sequence > 0 && state.messages == 0 {
+            return Err(ClusterError::NumberingLost {
+                stream: options.stream.clone(),
+                last: state.last_sequence,
+                idle_seconds: age(state.last_timestamp.unix_timestamp_nanos()).as_secs(),
+            });
+        }
+        if state.last_sequence == 0 {
             // Nats-Expected-Last-Sequence cannot say "empty", so the first
             // message is a marker every replica publishes under the same id:
             // JetStream keeps one, and batches then always follow a message.
@@ -247,9 +294,15 @@ impl Cluster {
                 .map_err(|error| stream_error(&error))?;
             ack.await.map_err(|error| stream_error(&error))?;
         }
-        let tip = read_tip(&stream)
+        let tip = read_tip(&stream, Tip::default())
             .await
             .map_err(|error| stream_error(&error))?;
+        // How long ago the tip was stored, by JetStream's clock against ours
+        // (a skew only moves the first keepalive).
+        let tip_age = match state.last_sequence {
+            0 => Duration::ZERO,
+            _ => age(state.last_timestamp.unix_timestamp_nanos()),
+        };
         let shared = Arc::new(Shared {
             tip: watch::Sender::new(tip),
             fed: watch::Sender::new(tip.next_packet),
@@ -262,6 +315,8 @@ impl Cluster {
             .map_or(0, |elapsed| elapsed.as_nanos() as u64)
             ^ u64::from(std::process::id()) << 32;
         let (queue, queued) = mpsc::channel(QUEUE_BATCHES);
+        let keepalive = keepalive_interval(options.max_age)
+            .map(|interval| publish::Keepalive::new(interval, shared.tip.subscribe(), tip_age));
         tokio::spawn(
             publish::Sequencer {
                 jetstream: jetstream.clone(),
@@ -272,6 +327,7 @@ impl Cluster {
                 max_body,
                 max_lag: options.max_lag,
                 messages: 0,
+                keepalive,
             }
             .run(),
         );
@@ -292,6 +348,11 @@ impl Cluster {
         *self.shared.tip.borrow()
     }
 
+    /// The tip this replica knows now.
+    fn tip(&self) -> Tip {
+        *self.shared.tip.borrow()
+    }
+
     fn stream_error(&self, error: &dyn std::fmt::Display) -> ClusterError {
         ClusterError::Stream {
             stream: self.name.clone(),
@@ -301,7 +362,7 @@ impl Cluster {
 
     /// The packet sequence the next stored batch will start at, as JetStream has it now.
     pub async fn next_sequence(&self) -> Result<u64, ClusterError> {
-        let tip = read_tip(&self.stream)
+        let tip = read_tip(&self.stream, self.tip())
             .await
             .map_err(|error| self.stream_error(&error))?;
         self.shared.advance(tip);
@@ -316,7 +377,7 @@ impl Cluster {
             .await
             .map_err(|error| self.stream_error(&error))?
             .clone();
-        let tip = read_tip(&self.stream)
+        let tip = read_tip(&self.stream, self.tip())
             .await
             .map_err(|error| self.stream_error(&error))?;
         let mut state = ClusterState {
@@ -550,8 +611,19 @@ async fn hand_over(shared: &Shared, hub: &Hub, sequence: u64, batch: SequencedBa
     });
 }
 
+/// How long ago `unix_nanos` was by this host's clock (zero if in the future).
+fn age(unix_nanos: i128) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as i128);
+    Duration::from_nanos(u64::try_from(now - unix_nanos).unwrap_or(0))
+}
+
 /// The tip as JetStream has it: its last message and where that one ends.
-async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
+/// `known` is the tip this replica knows: if JetStream ends at the same
+/// message, that is the answer even when the message itself has expired
+/// (a running replica can still continue, and re-anchor, the numbering).
+async fn read_tip(stream: &jetstream::stream::Stream, known: Tip) -> Result<Tip, String> {
     let mut stream = stream.clone();
     let last = stream
         .info()
@@ -565,8 +637,19 @@ async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
             next_packet: 1,
         });
     }
+    if last == known.stream_sequence {
+        return Ok(known);
+    }
     let stored = stream.get_raw_message(last).await.map_err(|error| {
-        format!("cannot read the stream's last message {last} to continue its numbering: {error}")
+        let gone = match error.kind() {
+            RawMessageErrorKind::NoMessageFound => {
+                " (it expired under --cluster-max-age or was purged)"
+            }
+            _ => "",
+        };
+        format!(
+            "cannot read the stream's last message {last}{gone} to continue its numbering: {error}"
+        )
     })?;
     let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
     Ok(Tip {
@@ -866,5 +949,18 @@ mod tests {
             }
         );
         assert_eq!((hub.next_sequence(), *shared.fed.borrow()), (10, 10));
+    }
+
+    #[test]
+    fn keepalive_refreshes_a_third_of_max_age_and_at_most_once_a_second() {
+        assert_eq!(keepalive_interval(Duration::ZERO), None);
+        assert_eq!(
+            keepalive_interval(Duration::from_secs(2)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            keepalive_interval(Duration::from_secs(3600)),
+            Some(Duration::from_secs(1200))
+        );
     }
 }
