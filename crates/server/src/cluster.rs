@@ -8,10 +8,12 @@
 //! it starts at and how many it holds, and a message is stored only right
 //! after the one its numbering follows (`Nats-Expected-Last-Sequence`), so the
 //! packet sequence is stream-wide, dense and the same on every replica.
-//! Every replica runs one ordered consumer that feeds its local hub with
-//! those batches as they are (nothing re-encoded) and keeps the replica's
-//! view of the stream's tip, which its sequencer numbers from.
-//! `from_sequence` older than the local history is replayed from the stream.
+//! Every replica runs one ordered consumer ([`feed`]) that feeds its local
+//! hub with those batches as they are (nothing re-encoded) and keeps the
+//! replica's view of the stream's tip, which its sequencer numbers from.
+//! `from_sequence` older than the local history is [`replay`]ed from the
+//! stream. This file owns the connection, the stream's setup and retention,
+//! the shared tip and the stream's state for `StreamInfo`.
 //!
 //! The numbering lives only in the messages, so the stream must never lose
 //! its last one. Under `--cluster-max-age` every replica therefore keeps the
@@ -36,20 +38,14 @@ use std::{
 
 use async_nats::jetstream::{
     self,
-    consumer::{push, DeliverPolicy},
     stream::{Config as StreamConfig, RawMessageErrorKind, StorageType},
 };
-use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
-use crate::{
-    hub::Hub,
-    wire::{ChannelFilter, Delivery, EncodedPackets, SequencedBatch},
-};
-
+mod feed;
 pub mod message;
 mod publish;
+mod replay;
 pub use publish::{ClusterPublisher, Placed, Stored};
 
 pub const SUBJECT_PREFIX: &str = "packetingest";
@@ -438,177 +434,6 @@ impl Cluster {
         // sequences take their final width.
         ClusterPublisher::new(self.queue.clone(), self.max_body / 4 * 3)
     }
-
-    /// Feeds the local hub from the stream, starting at stream sequence
-    /// `next`, until `stop`. Consumer failures (NATS restarts) recreate the
-    /// consumer where it left off.
-    pub async fn feed(self: Arc<Self>, hub: Arc<Hub>, mut next: u64, stop: CancellationToken) {
-        loop {
-            match self.consume_from(&hub, &mut next, &stop).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, next, "JetStream consumer failed; recreating it");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-        }
-    }
-
-    async fn consume_from(
-        &self,
-        hub: &Hub,
-        next: &mut u64,
-        stop: &CancellationToken,
-    ) -> Result<(), async_nats::Error> {
-        let mut stream = self.stream.clone();
-        let last = stream.info().await?.state.last_sequence;
-        if last + 1 < *next {
-            // JetStream lost messages this replica had read (a crash before
-            // its writes reached disk): what it stores next takes their place.
-            tracing::warn!(
-                last,
-                next = *next,
-                "JetStream stream is behind this replica's consumer; reading on from its end"
-            );
-            *next = last + 1;
-        }
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.jetstream.client().new_inbox(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: *next,
-                },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        loop {
-            let message = tokio::select! {
-                message = messages.next() => message,
-                _ = stop.cancelled() => return Ok(()),
-            };
-            let Some(message) = message else {
-                return Err("consumer stream ended".into());
-            };
-            let message = message?;
-            let sequence = message.info()?.stream_sequence;
-            if sequence < *next {
-                continue;
-            }
-            *next = sequence + 1;
-            match message::decode(message.headers.as_ref(), message.payload.clone()) {
-                Ok(batch) => hand_over(&self.shared, hub, sequence, batch).await,
-                Err(error) => {
-                    tracing::warn!(%error, sequence, "ignoring a JetStream message that is not a packet batch");
-                }
-            }
-        }
-    }
-
-    /// Deliveries of stored packets with `from <= sequence < until`, oldest
-    /// first: how `from_sequence` older than the local history is served.
-    pub fn replay(
-        self: &Arc<Self>,
-        from: u64,
-        until: u64,
-        filter: ChannelFilter,
-    ) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-        let cluster = Arc::clone(self);
-        futures::stream::once(async move {
-            cluster
-                .replay_consumer(from)
-                .await
-                .map(|messages| (messages, filter))
-        })
-        .flat_map(move |opened| match opened {
-            Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
-            Ok((messages, filter)) => replay_deliveries(messages, from, until, filter).boxed(),
-        })
-    }
-
-    /// The stream sequence of the message holding packet `from` (or of the
-    /// oldest message, when retention removed it): a binary search on the
-    /// messages' first sequences, which grow with the stream sequence.
-    async fn locate(&self, from: u64) -> Result<u64, String> {
-        let mut stream = self.stream.clone();
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .clone();
-        let (mut low, mut high) = (state.first_sequence.max(1), state.last_sequence);
-        while low < high {
-            let middle = low + (high - low).div_ceil(2);
-            let stored = self
-                .stream
-                .get_raw_message(middle)
-                .await
-                .map_err(|e| e.to_string())?;
-            let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
-            if place.first <= from {
-                low = middle;
-            } else {
-                high = middle - 1;
-            }
-        }
-        Ok(low)
-    }
-
-    async fn replay_consumer(&self, from: u64) -> Result<push::Ordered, tonic::Status> {
-        let unavailable = |error: &dyn std::fmt::Display| {
-            tonic::Status::unavailable(format!("cannot replay from JetStream: {error}; retry"))
-        };
-        let start = self.locate(from).await.map_err(|e| unavailable(&e))?;
-        let consumer = self
-            .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.jetstream.client().new_inbox(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&e))?;
-        consumer.messages().await.map_err(|e| unavailable(&e))
-    }
-}
-
-/// Hands the batch of the message stored at stream sequence `sequence` to
-/// the hub and moves the replica's tip past it. An empty batch (a marker:
-/// genesis or keepalive tip, anywhere in the stream) only moves the tip: it
-/// holds no packet, so the hub and its subscribers see nothing of it, no
-/// gap and no `missed`.
-async fn hand_over(shared: &Shared, hub: &Hub, sequence: u64, batch: SequencedBatch) {
-    let end = batch.end_sequence();
-    shared.advance(Tip {
-        stream_sequence: sequence,
-        next_packet: end,
-    });
-    if batch.is_empty() {
-        // Nothing for the hub.
-    } else if batch.first_sequence < hub.next_sequence() {
-        // Only a stream numbered against its own rules gets here.
-        tracing::error!(
-            first = batch.first_sequence,
-            expected = hub.next_sequence(),
-            "JetStream batch overlaps packets already delivered; skipped"
-        );
-    } else {
-        let first = batch.first_sequence;
-        hub.publish_at(Some(first), EncodedPackets::from_sequenced(batch))
-            .await;
-    }
-    // Everything before `end` is dealt with, markers included (pacing waits on it).
-    shared.fed.send_if_modified(|fed| {
-        let moved = end > *fed;
-        *fed = (*fed).max(end);
-        moved
-    });
 }
 
 /// How long ago `unix_nanos` was by this host's clock (zero if in the future).
@@ -658,110 +483,12 @@ async fn read_tip(stream: &jetstream::stream::Stream, known: Tip) -> Result<Tip,
     })
 }
 
-/// Turns replayed messages into deliveries (one per stored batch), stopping
-/// at `until` or the stream's end.
-fn replay_deliveries(
-    messages: push::Ordered,
-    from: u64,
-    until: u64,
-    filter: ChannelFilter,
-) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-    let batches = messages.map(|message| {
-        message.map(|message| {
-            let pending = message.info().map_or(0, |info| info.pending);
-            let batch = message::decode(message.headers.as_ref(), message.payload.clone());
-            (batch.ok(), pending)
-        })
-    });
-    replay_batches(batches, from, until, filter)
-}
-
-/// The deliveries of `batches` (each decoded message, `None` if it is not a
-/// batch, with the count of messages after it), from `from` until `until`
-/// or the last message. A message that adds nothing for the subscriber (a
-/// marker, packets it filters out) sends nothing, not even an empty response.
-fn replay_batches<E: std::fmt::Display>(
-    batches: impl Stream<Item = Result<(Option<SequencedBatch>, u64), E>> + Send + Unpin + 'static,
-    from: u64,
-    until: u64,
-    filter: ChannelFilter,
-) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-    let state = (batches, from, false);
-    futures::stream::unfold(state, move |(mut batches, mut expected, done)| {
-        let filter = filter.clone();
-        async move {
-            if done || expected >= until {
-                return None;
-            }
-            loop {
-                let (batch, pending) = match batches.next().await {
-                    Some(Ok(decoded)) => decoded,
-                    Some(Err(error)) => {
-                        let status = tonic::Status::unavailable(format!("JetStream replay failed: {error}; resubscribe from the last sequence you saw"));
-                        return Some((Err(status), (batches, expected, true)));
-                    }
-                    None => return None,
-                };
-                let delivery = match batch {
-                    Some(batch) => deliver_range(&batch, &mut expected, until, &filter),
-                    None => Delivery::default(),
-                };
-                let finished = pending == 0 || expected >= until;
-                if delivery.packets() > 0 || delivery.missed > 0 {
-                    return Some((Ok(delivery), (batches, expected, finished)));
-                }
-                if finished {
-                    return None;
-                }
-            }
-        }
-    })
-}
-
-/// The packets of `batch` in `expected..until` that `filter` takes; moves
-/// `expected` past them and counts a gap before them as missed.
-fn deliver_range(
-    batch: &SequencedBatch,
-    expected: &mut u64,
-    until: u64,
-    filter: &ChannelFilter,
-) -> Delivery {
-    let mut delivery = Delivery::default();
-    let end = batch.end_sequence().min(until);
-    if end <= *expected {
-        return delivery;
-    }
-    if batch.first_sequence > *expected && filter.channels().is_none() {
-        delivery.missed += batch.first_sequence - *expected;
-    }
-    let start = (*expected).max(batch.first_sequence);
-    let offset = |sequence: u64| (sequence - batch.first_sequence) as usize;
-    let mut run_start = None;
-    for index in offset(start)..offset(end) {
-        match (filter.matches(batch.channel(index)), run_start) {
-            (true, None) => run_start = Some(index),
-            (false, Some(from)) => {
-                delivery.push(batch.records(from..index), index - from);
-                run_start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(from) = run_start {
-        delivery.push(batch.records(from..offset(end)), offset(end) - from);
-    }
-    *expected = end;
-    delivery
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         frame::Channel,
-        hub::{HubConfig, Next, SlowSubscriberPolicy},
-        metrics::Metrics,
-        wire::{EncodedPacketsBuilder, PacketFields},
+        wire::{EncodedPacketsBuilder, PacketFields, SequencedBatch},
     };
 
     /// A stored batch from `first`, one packet per entry of `channels`
@@ -783,106 +510,9 @@ mod tests {
 
     /// A marker (genesis or keepalive tip) saying the next packet is `next`,
     /// decoded the way every reader decodes it.
-    fn marker(next: u64) -> SequencedBatch {
+    pub(super) fn marker(next: u64) -> SequencedBatch {
         message::decode(Some(&message::marker_headers(next)), bytes::Bytes::new())
             .expect("a marker decodes")
-    }
-
-    #[test]
-    fn replay_takes_the_requested_range_and_counts_gaps() {
-        let stored = batch(10, &[1, 2, 1, 1, 2]);
-        let mut expected = 8;
-        let all = deliver_range(&stored, &mut expected, 13, &ChannelFilter::default());
-        assert_eq!((all.packets(), all.missed, expected), (3, 2, 13));
-        let mut expected = 11;
-        let ones = deliver_range(&stored, &mut expected, 100, &ChannelFilter::new(vec![1]));
-        assert_eq!((ones.packets(), ones.missed, expected), (2, 0, 15));
-        let mut expected = 15;
-        let past = deliver_range(&stored, &mut expected, 100, &ChannelFilter::default());
-        assert_eq!((past.packets(), expected), (0, 15));
-    }
-
-    #[test]
-    fn a_marker_in_a_replayed_range_delivers_nothing_and_hides_no_gap() {
-        let all = ChannelFilter::default();
-        // At the expected sequence: nothing to deliver, nothing missed.
-        let mut expected = 7;
-        let at = deliver_range(&marker(7), &mut expected, 100, &all);
-        assert_eq!((at.packets(), at.missed, expected), (0, 0, 7));
-        // Behind it: already delivered.
-        let mut expected = 9;
-        let behind = deliver_range(&marker(7), &mut expected, 100, &all);
-        assert_eq!((behind.packets(), behind.missed, expected), (0, 0, 9));
-        // Ahead of it, after retention removed the batches before it: those
-        // packets are missed, as after a batch (unfiltered subscribers only).
-        let mut expected = 3;
-        let ahead = deliver_range(&marker(7), &mut expected, 100, &all);
-        assert_eq!((ahead.packets(), ahead.missed, expected), (0, 4, 7));
-        let mut expected = 3;
-        let filtered = deliver_range(&marker(7), &mut expected, 100, &ChannelFilter::new(vec![1]));
-        assert_eq!((filtered.missed, expected), (0, 7));
-    }
-
-    /// Sequences and missed counts a replay sends for `stored` (each message
-    /// with the count of messages after it, as JetStream reports it).
-    async fn replayed(stored: Vec<SequencedBatch>, from: u64, until: u64) -> Vec<(usize, u64)> {
-        let count = stored.len() as u64;
-        let messages = stored
-            .into_iter()
-            .enumerate()
-            .map(move |(index, batch)| Ok::<_, String>((Some(batch), count - 1 - index as u64)));
-        replay_batches(
-            futures::stream::iter(messages),
-            from,
-            until,
-            ChannelFilter::default(),
-        )
-        .map(|delivery| {
-            let delivery = delivery.expect("replays");
-            (delivery.packets(), delivery.missed)
-        })
-        .collect()
-        .await
-    }
-
-    #[tokio::test]
-    async fn replay_skips_markers_anywhere_and_sends_no_empty_response() {
-        let stored = vec![
-            marker(1),
-            batch(1, &[1, 2, 3]),
-            marker(4),
-            marker(4),
-            batch(4, &[1, 1]),
-            marker(6),
-        ];
-        assert_eq!(replayed(stored, 1, 100).await, vec![(3, 0), (2, 0)]);
-        // Retention left only markers and a later batch: the expired packets
-        // are missed once, then the batch follows.
-        let stored = vec![marker(6), marker(6), batch(6, &[1]), marker(7)];
-        assert_eq!(replayed(stored, 2, 100).await, vec![(0, 4), (1, 0)]);
-        // Only a marker left: nothing retained at or after it.
-        assert_eq!(replayed(vec![marker(9)], 9, 100).await, vec![]);
-    }
-
-    fn shared_at(tip: Tip) -> Shared {
-        Shared {
-            tip: watch::Sender::new(tip),
-            fed: watch::Sender::new(tip.next_packet),
-        }
-    }
-
-    fn hub_at(next: u64) -> Arc<Hub> {
-        Hub::starting_at(
-            HubConfig {
-                retain_packets: 1000,
-                memory_limit: 1 << 20,
-                policy: SlowSubscriberPolicy::Gap,
-                block_timeout: Duration::from_millis(200),
-                max_delivery_bytes: 1 << 20,
-            },
-            Metrics::new(),
-            next,
-        )
     }
 
     #[test]
@@ -896,59 +526,6 @@ mod tests {
             duplicate_window(Duration::from_secs(3600)),
             DUPLICATE_WINDOW
         );
-    }
-
-    #[tokio::test]
-    async fn the_feed_takes_markers_anywhere_as_tips_without_deliveries() {
-        let shared = shared_at(Tip {
-            stream_sequence: 4,
-            next_packet: 5,
-        });
-        let hub = hub_at(5);
-        let mut subscription = hub
-            .subscribe(ChannelFilter::default(), None)
-            .expect("subscribes");
-        // A keepalive tip right at the hub's next sequence: the tip moves,
-        // the hub and its subscriber see nothing.
-        hand_over(&shared, &hub, 5, marker(5)).await;
-        assert_eq!(
-            *shared.tip.borrow(),
-            Tip {
-                stream_sequence: 5,
-                next_packet: 5
-            }
-        );
-        assert_eq!((hub.next_sequence(), *shared.fed.borrow()), (5, 5));
-        assert!(matches!(
-            subscription.next(Duration::from_millis(50)).await,
-            Next::Idle
-        ));
-        // Batches around more markers arrive dense, nothing missed.
-        hand_over(&shared, &hub, 6, batch(5, &[1, 2, 3])).await;
-        hand_over(&shared, &hub, 7, marker(8)).await;
-        hand_over(&shared, &hub, 8, marker(8)).await;
-        hand_over(&shared, &hub, 9, batch(8, &[4, 5])).await;
-        hand_over(&shared, &hub, 10, marker(10)).await;
-        let (mut packets, mut missed) = (0, 0);
-        while packets < 5 {
-            match subscription.next(Duration::from_secs(5)).await {
-                Next::Delivery(delivery) => {
-                    packets += delivery.packets();
-                    missed += delivery.missed;
-                }
-                other => panic!("expected packets 5..=9, got {other:?}"),
-            }
-        }
-        assert_eq!((packets, missed), (5, 0));
-        assert_eq!(subscription.cursor(), 10);
-        assert_eq!(
-            *shared.tip.borrow(),
-            Tip {
-                stream_sequence: 10,
-                next_packet: 10
-            }
-        );
-        assert_eq!((hub.next_sequence(), *shared.fed.borrow()), (10, 10));
     }
 
     #[test]
