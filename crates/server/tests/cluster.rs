@@ -441,13 +441,23 @@ async fn stream_info(server: &packet_ingest::server::RunningServer) -> StreamInf
         .into_inner()
 }
 
+/// StreamInfo's range: (first sequence, next sequence, retained packets).
+fn range(info: &StreamInfoResponse) -> (u64, u64, u64) {
+    (
+        info.first_sequence,
+        info.next_sequence,
+        info.retained_packets,
+    )
+}
+
 /// The smallest max-age cluster mode accepts (JetStream's own minimum is 100ms).
 const MAX_AGE: &str = "2s";
 
 /// An idle stream outlives `--cluster-max-age`: the running replica stores
-/// empty tip messages, so after every packet has expired a replica started
-/// later continues the numbering densely, and subscribers (live, resuming,
-/// replaying past the tip messages from JetStream) see exactly the packets.
+/// empty tip messages, so after two max-ages of idleness, every packet and
+/// the first tips expired, a replica started later continues the numbering
+/// densely, and subscribers (live, resuming, replaying past the tip
+/// messages from JetStream) see exactly the packets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_keeps_its_numbering_past_max_age() {
     let Some(nats) = Nats::start(store_dir("keepalive"), None).await else {
@@ -465,21 +475,17 @@ async fn an_idle_stream_keeps_its_numbering_past_max_age() {
     );
     let last_batch = stream_state(&nats.url).await.last_sequence;
 
-    // Idle until every message through the last batch has expired.
+    // Idle until every message through the last batch has expired: only
+    // the running replica's empty tip messages are left.
     let state = expired_through(&nats.url, last_batch).await;
-    // Only the running replica's empty tip messages are left.
     assert!(state.messages >= 1, "the tip expired too: {state:?}");
     assert!(state.last_sequence > last_batch);
+    // Idle for another max-age, until those tips have expired in turn: the
+    // replica keeps storing new ones.
+    let state = expired_through(&nats.url, state.last_sequence).await;
+    assert!(state.messages >= 1, "the tip expired too: {state:?}");
     assert_eq!(stored(&nats.url).await.1, 6, "the tip still says 6 is next");
-    let info = stream_info(&a).await;
-    assert_eq!(
-        (
-            info.first_sequence,
-            info.next_sequence,
-            info.retained_packets
-        ),
-        (6, 6, 0)
-    );
+    assert_eq!(range(&stream_info(&a).await), (6, 6, 0));
 
     let b = start(&flags).await;
     let mut resumed = subscribe(&b, vec![], Some(6)).await;
@@ -493,14 +499,7 @@ async fn an_idle_stream_keeps_its_numbering_past_max_age() {
     assert!(after.iter().all(|p| p.source_sequence < 4));
     // Checked before 6..=9 can expire in turn (max-age is short).
     let info = stream_info(&b).await;
-    assert_eq!(
-        (
-            info.first_sequence,
-            info.next_sequence,
-            info.retained_packets
-        ),
-        (6, 10, 4)
-    );
+    assert_eq!(range(&info), (6, 10, 4));
     assert!(info.oldest_received_unix_nanos > 0);
     // A replica with no local history replays 6..=9 from JetStream, past
     // the tip messages stored before them.
