@@ -8,10 +8,25 @@
 //! it starts at and how many it holds, and a message is stored only right
 //! after the one its numbering follows (`Nats-Expected-Last-Sequence`), so the
 //! packet sequence is stream-wide, dense and the same on every replica.
-//! Every replica runs one ordered consumer that feeds its local hub with
-//! those batches as they are (nothing re-encoded) and keeps the replica's
-//! view of the stream's tip, which its sequencer numbers from.
-//! `from_sequence` older than the local history is replayed from the stream.
+//! Every replica runs one ordered consumer ([`feed`]) that feeds its local
+//! hub with those batches as they are (nothing re-encoded) and keeps the
+//! replica's view of the stream's tip, which its sequencer numbers from.
+//! `from_sequence` older than the local history is [`replay`]ed from the
+//! stream. This file owns the connection, the stream's setup and retention,
+//! the shared tip and the stream's state for `StreamInfo`.
+//!
+//! The numbering lives only in the messages, so the stream must never lose
+//! its last one. Under `--cluster-max-age` every replica therefore keeps the
+//! anchor alive: when the tip has not moved for a third of max-age (at least
+//! a second), its sequencer stores an empty *tip* marker after it (see
+//! [`publish`]). If the stream has lost every message anyway (all replicas
+//! down for longer than max-age, or a purge), JetStream's state still has
+//! the last stream sequence but nothing says which packet sequence came
+//! next; numbering from 1 again under the same `stream_id` would hand
+//! resuming clients other packets under old sequences, so a replica starting
+//! then refuses to guess and exits naming the remedy (delete the stream: a
+//! new one gets a new `stream_id`). A running replica that still knows the
+//! tip JetStream ends at re-anchors it instead.
 
 use std::{
     sync::{
@@ -23,20 +38,14 @@ use std::{
 
 use async_nats::jetstream::{
     self,
-    consumer::{push, DeliverPolicy},
-    stream::{Config as StreamConfig, StorageType},
+    stream::{Config as StreamConfig, RawMessageErrorKind, StorageType},
 };
-use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
-use crate::{
-    hub::Hub,
-    wire::{ChannelFilter, Delivery, EncodedPackets, SequencedBatch},
-};
-
+mod feed;
 pub mod message;
 mod publish;
+mod replay;
 pub use publish::{ClusterPublisher, Placed, Stored};
 
 pub const SUBJECT_PREFIX: &str = "packetingest";
@@ -44,8 +53,16 @@ pub const SUBJECT_PREFIX: &str = "packetingest";
 const BATCH_SUBJECT: &str = "packetingest.batch";
 /// Attempts to store one message before its batches are given up.
 const PUBLISH_ATTEMPTS: u32 = 5;
-/// JetStream's window for dropping a republished message with the same id.
+/// JetStream's window for dropping a republished message with the same id
+/// (shortened to max-age when that is shorter: JetStream requires it).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Shortest keepalive interval: below it the tip messages would cost more
+/// than they are worth, and max-age this short is a test setting anyway.
+const KEEPALIVE_FLOOR: Duration = Duration::from_secs(1);
+/// Shortest `--cluster-max-age` accepted: the keepalive (at most once a
+/// second) must leave time for a retry before the tip expires. JetStream's
+/// own minimum is 100 ms.
+pub const MIN_MAX_AGE: Duration = Duration::from_secs(2);
 /// Batches waiting for the sequencer, all connections together: bounds the
 /// memory held between verification and JetStream.
 const QUEUE_BATCHES: usize = 64;
@@ -60,6 +77,38 @@ pub enum ClusterError {
     Stream { stream: String, message: String },
     #[error("JetStream did not store a batch: {0}")]
     Publish(String),
+    #[error(
+        "JetStream stream {stream} has no messages left (the last, stream sequence {last}, \
+         was stored {idle_seconds}s ago; --cluster-max-age expired the rest, or the stream was \
+         purged): the packet numbering they carried is gone, and numbering again from 1 under \
+         the same stream_id would hand resuming subscribers other packets. Delete the stream \
+         (e.g. `nats stream rm {stream}`) to start a new one with a new stream_id; to avoid \
+         this, keep a replica running (replicas refresh an idle stream's last message) or \
+         raise --cluster-max-age"
+    )]
+    NumberingLost {
+        stream: String,
+        last: u64,
+        idle_seconds: u64,
+    },
+}
+
+/// JetStream's duplicate window for a stream with `max_age` (zero: none):
+/// JetStream refuses a window longer than max-age.
+fn duplicate_window(max_age: Duration) -> Duration {
+    match max_age.is_zero() {
+        true => DUPLICATE_WINDOW,
+        false => DUPLICATE_WINDOW.min(max_age),
+    }
+}
+
+/// How long the tip may stand still before an idle replica stores an empty
+/// tip marker after it (`None`: no max-age, nothing expires). A third of
+/// max-age leaves two thirds for a failed attempt, its retry and the feed's
+/// delay in seeing another replica's message, at three small messages per
+/// max-age of idleness; never below [`KEEPALIVE_FLOOR`].
+pub fn keepalive_interval(max_age: Duration) -> Option<Duration> {
+    (!max_age.is_zero()).then(|| (max_age / 3).max(KEEPALIVE_FLOOR))
 }
 
 /// How to reach the stream and what it keeps.
@@ -186,12 +235,13 @@ impl Cluster {
             0 => -1,
             bytes => i64::try_from(bytes).unwrap_or(i64::MAX),
         };
+        let duplicate_window = duplicate_window(options.max_age);
         let mut stream = jetstream
             .get_or_create_stream(StreamConfig {
                 name: options.stream.clone(),
                 subjects: vec![format!("{SUBJECT_PREFIX}.>")],
                 storage: StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
+                duplicate_window,
                 max_age: options.max_age,
                 max_bytes,
                 ..Default::default()
@@ -200,7 +250,10 @@ impl Cluster {
             .map_err(|error| stream_error(&error))?;
         // An existing stream takes this replica's retention (the last one started wins).
         let config = stream.cached_info().config.clone();
-        if config.max_age != options.max_age || config.max_bytes != max_bytes {
+        if config.max_age != options.max_age
+            || config.max_bytes != max_bytes
+            || config.duplicate_window != duplicate_window
+        {
             tracing::info!(
                 max_age = ?options.max_age,
                 max_bytes,
@@ -210,13 +263,22 @@ impl Cluster {
                 .update_stream(StreamConfig {
                     max_age: options.max_age,
                     max_bytes,
+                    duplicate_window,
                     ..config
                 })
                 .await
                 .map_err(|error| stream_error(&error))?;
         }
         let info = stream.info().await.map_err(|error| stream_error(&error))?;
-        if info.state.last_sequence == 0 {
+        let state = info.state.clone();
+        if state.last_sequence > 0 && state.messages == 0 {
+            return Err(ClusterError::NumberingLost {
+                stream: options.stream.clone(),
+                last: state.last_sequence,
+                idle_seconds: age(state.last_timestamp.unix_timestamp_nanos()).as_secs(),
+            });
+        }
+        if state.last_sequence == 0 {
             // Nats-Expected-Last-Sequence cannot say "empty", so the first
             // message is a marker every replica publishes under the same id:
             // JetStream keeps one, and batches then always follow a message.
@@ -228,9 +290,15 @@ impl Cluster {
                 .map_err(|error| stream_error(&error))?;
             ack.await.map_err(|error| stream_error(&error))?;
         }
-        let tip = read_tip(&stream)
+        let tip = read_tip(&stream, Tip::default())
             .await
             .map_err(|error| stream_error(&error))?;
+        // How long ago the tip was stored, by JetStream's clock against ours
+        // (a skew only moves the first keepalive).
+        let tip_age = match state.last_sequence {
+            0 => Duration::ZERO,
+            _ => age(state.last_timestamp.unix_timestamp_nanos()),
+        };
         let shared = Arc::new(Shared {
             tip: watch::Sender::new(tip),
             fed: watch::Sender::new(tip.next_packet),
@@ -243,6 +311,8 @@ impl Cluster {
             .map_or(0, |elapsed| elapsed.as_nanos() as u64)
             ^ u64::from(std::process::id()) << 32;
         let (queue, queued) = mpsc::channel(QUEUE_BATCHES);
+        let keepalive = keepalive_interval(options.max_age)
+            .map(|interval| publish::Keepalive::new(interval, shared.tip.subscribe(), tip_age));
         tokio::spawn(
             publish::Sequencer {
                 jetstream: jetstream.clone(),
@@ -253,6 +323,7 @@ impl Cluster {
                 max_body,
                 max_lag: options.max_lag,
                 messages: 0,
+                keepalive,
             }
             .run(),
         );
@@ -273,6 +344,11 @@ impl Cluster {
         *self.shared.tip.borrow()
     }
 
+    /// The tip this replica knows now.
+    fn tip(&self) -> Tip {
+        *self.shared.tip.borrow()
+    }
+
     fn stream_error(&self, error: &dyn std::fmt::Display) -> ClusterError {
         ClusterError::Stream {
             stream: self.name.clone(),
@@ -282,7 +358,7 @@ impl Cluster {
 
     /// The packet sequence the next stored batch will start at, as JetStream has it now.
     pub async fn next_sequence(&self) -> Result<u64, ClusterError> {
-        let tip = read_tip(&self.stream)
+        let tip = read_tip(&self.stream, self.tip())
             .await
             .map_err(|error| self.stream_error(&error))?;
         self.shared.advance(tip);
@@ -297,7 +373,7 @@ impl Cluster {
             .await
             .map_err(|error| self.stream_error(&error))?
             .clone();
-        let tip = read_tip(&self.stream)
+        let tip = read_tip(&self.stream, self.tip())
             .await
             .map_err(|error| self.stream_error(&error))?;
         let mut state = ClusterState {
@@ -315,7 +391,22 @@ impl Cluster {
             let place = message::placement(Some(&oldest.headers))
                 .map_err(|error| self.stream_error(&error))?;
             state.first_sequence = place.first;
-            state.oldest_received_unix_nanos = oldest
+            // A marker holds no packet: the oldest one is in the message
+            // holding `first`, if any packet is retained at all.
+            let holder = match place.count == 0 && place.first < tip.next_packet {
+                false => oldest,
+                true => {
+                    let at = self
+                        .locate(place.first)
+                        .await
+                        .map_err(|error| self.stream_error(&error))?;
+                    self.stream
+                        .get_raw_message(at)
+                        .await
+                        .map_err(|error| self.stream_error(&error))?
+                }
+            };
+            state.oldest_received_unix_nanos = holder
                 .headers
                 .get(message::RECEIVED)
                 .and_then(|value| value.as_str().parse().ok())
@@ -343,173 +434,21 @@ impl Cluster {
         // sequences take their final width.
         ClusterPublisher::new(self.queue.clone(), self.max_body / 4 * 3)
     }
+}
 
-    /// Feeds the local hub from the stream, starting at stream sequence
-    /// `next`, until `stop`. Consumer failures (NATS restarts) recreate the
-    /// consumer where it left off.
-    pub async fn feed(self: Arc<Self>, hub: Arc<Hub>, mut next: u64, stop: CancellationToken) {
-        loop {
-            match self.consume_from(&hub, &mut next, &stop).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, next, "JetStream consumer failed; recreating it");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-        }
-    }
-
-    async fn consume_from(
-        &self,
-        hub: &Hub,
-        next: &mut u64,
-        stop: &CancellationToken,
-    ) -> Result<(), async_nats::Error> {
-        let mut stream = self.stream.clone();
-        let last = stream.info().await?.state.last_sequence;
-        if last + 1 < *next {
-            // JetStream lost messages this replica had read (a crash before
-            // its writes reached disk): what it stores next takes their place.
-            tracing::warn!(
-                last,
-                next = *next,
-                "JetStream stream is behind this replica's consumer; reading on from its end"
-            );
-            *next = last + 1;
-        }
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.jetstream.client().new_inbox(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: *next,
-                },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        loop {
-            let message = tokio::select! {
-                message = messages.next() => message,
-                _ = stop.cancelled() => return Ok(()),
-            };
-            let Some(message) = message else {
-                return Err("consumer stream ended".into());
-            };
-            let message = message?;
-            let sequence = message.info()?.stream_sequence;
-            if sequence < *next {
-                continue;
-            }
-            *next = sequence + 1;
-            let batch = match message::decode(message.headers.as_ref(), message.payload.clone()) {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(%error, sequence, "ignoring a JetStream message that is not a packet batch");
-                    continue;
-                }
-            };
-            let end = batch.end_sequence();
-            self.shared.advance(Tip {
-                stream_sequence: sequence,
-                next_packet: end,
-            });
-            if batch.first_sequence < hub.next_sequence() {
-                // Only a stream numbered against its own rules gets here.
-                if !batch.is_empty() {
-                    tracing::error!(
-                        first = batch.first_sequence,
-                        expected = hub.next_sequence(),
-                        "JetStream batch overlaps packets already delivered; skipped"
-                    );
-                }
-            } else if !batch.is_empty() {
-                let first = batch.first_sequence;
-                hub.publish_at(Some(first), EncodedPackets::from_sequenced(batch))
-                    .await;
-            }
-            self.shared.fed.send_if_modified(|fed| {
-                let moved = end > *fed;
-                *fed = (*fed).max(end);
-                moved
-            });
-        }
-    }
-
-    /// Deliveries of stored packets with `from <= sequence < until`, oldest
-    /// first: how `from_sequence` older than the local history is served.
-    pub fn replay(
-        self: &Arc<Self>,
-        from: u64,
-        until: u64,
-        filter: ChannelFilter,
-    ) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-        let cluster = Arc::clone(self);
-        futures::stream::once(async move {
-            cluster
-                .replay_consumer(from)
-                .await
-                .map(|messages| (messages, filter))
-        })
-        .flat_map(move |opened| match opened {
-            Err(status) => futures::stream::once(async move { Err(status) }).boxed(),
-            Ok((messages, filter)) => replay_deliveries(messages, from, until, filter).boxed(),
-        })
-    }
-
-    /// The stream sequence of the message holding packet `from` (or of the
-    /// oldest message, when retention removed it): a binary search on the
-    /// messages' first sequences, which grow with the stream sequence.
-    async fn locate(&self, from: u64) -> Result<u64, String> {
-        let mut stream = self.stream.clone();
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .clone();
-        let (mut low, mut high) = (state.first_sequence.max(1), state.last_sequence);
-        while low < high {
-            let middle = low + (high - low).div_ceil(2);
-            let stored = self
-                .stream
-                .get_raw_message(middle)
-                .await
-                .map_err(|e| e.to_string())?;
-            let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
-            if place.first <= from {
-                low = middle;
-            } else {
-                high = middle - 1;
-            }
-        }
-        Ok(low)
-    }
-
-    async fn replay_consumer(&self, from: u64) -> Result<push::Ordered, tonic::Status> {
-        let unavailable = |error: &dyn std::fmt::Display| {
-            tonic::Status::unavailable(format!("cannot replay from JetStream: {error}; retry"))
-        };
-        let start = self.locate(from).await.map_err(|e| unavailable(&e))?;
-        let consumer = self
-            .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.jetstream.client().new_inbox(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&e))?;
-        consumer.messages().await.map_err(|e| unavailable(&e))
-    }
+/// How long ago `unix_nanos` was by this host's clock (zero if in the future).
+fn age(unix_nanos: i128) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as i128);
+    Duration::from_nanos(u64::try_from(now - unix_nanos).unwrap_or(0))
 }
 
 /// The tip as JetStream has it: its last message and where that one ends.
-async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
+/// `known` is the tip this replica knows: if JetStream ends at the same
+/// message, that is the answer even when the message itself has expired
+/// (a running replica can still continue, and re-anchor, the numbering).
+async fn read_tip(stream: &jetstream::stream::Stream, known: Tip) -> Result<Tip, String> {
     let mut stream = stream.clone();
     let last = stream
         .info()
@@ -523,8 +462,19 @@ async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
             next_packet: 1,
         });
     }
+    if last == known.stream_sequence {
+        return Ok(known);
+    }
     let stored = stream.get_raw_message(last).await.map_err(|error| {
-        format!("cannot read the stream's last message {last} to continue its numbering: {error}")
+        let gone = match error.kind() {
+            RawMessageErrorKind::NoMessageFound => {
+                " (it expired under --cluster-max-age or was purged)"
+            }
+            _ => "",
+        };
+        format!(
+            "cannot read the stream's last message {last}{gone} to continue its numbering: {error}"
+        )
     })?;
     let place = message::placement(Some(&stored.headers)).map_err(|e| e.to_string())?;
     Ok(Tip {
@@ -533,121 +483,61 @@ async fn read_tip(stream: &jetstream::stream::Stream) -> Result<Tip, String> {
     })
 }
 
-/// Turns replayed messages into deliveries (one per stored batch), stopping
-/// at `until` or the stream's end.
-fn replay_deliveries(
-    messages: push::Ordered,
-    from: u64,
-    until: u64,
-    filter: ChannelFilter,
-) -> impl Stream<Item = Result<Delivery, tonic::Status>> + Send + 'static {
-    let state = (messages, from, false);
-    futures::stream::unfold(state, move |(mut messages, mut expected, done)| {
-        let filter = filter.clone();
-        async move {
-            if done || expected >= until {
-                return None;
-            }
-            loop {
-                let message = match messages.next().await {
-                    Some(Ok(message)) => message,
-                    Some(Err(error)) => {
-                        let status = tonic::Status::unavailable(format!("JetStream replay failed: {error}; resubscribe from the last sequence you saw"));
-                        return Some((Err(status), (messages, expected, true)));
-                    }
-                    None => return None,
-                };
-                let pending = message.info().map_or(0, |info| info.pending);
-                let Ok(batch) = message::decode(message.headers.as_ref(), message.payload.clone())
-                else {
-                    if pending == 0 {
-                        return None;
-                    }
-                    continue;
-                };
-                let delivery = deliver_range(&batch, &mut expected, until, &filter);
-                let finished = pending == 0 || expected >= until;
-                if finished {
-                    expected = until;
-                }
-                if delivery.packets() > 0 || delivery.missed > 0 || finished {
-                    return Some((Ok(delivery), (messages, expected, finished)));
-                }
-            }
-        }
-    })
-}
-
-/// The packets of `batch` in `expected..until` that `filter` takes; moves
-/// `expected` past them and counts a gap before them as missed.
-fn deliver_range(
-    batch: &SequencedBatch,
-    expected: &mut u64,
-    until: u64,
-    filter: &ChannelFilter,
-) -> Delivery {
-    let mut delivery = Delivery::default();
-    let end = batch.end_sequence().min(until);
-    if end <= *expected {
-        return delivery;
-    }
-    if batch.first_sequence > *expected && filter.channels().is_none() {
-        delivery.missed += batch.first_sequence - *expected;
-    }
-    let start = (*expected).max(batch.first_sequence);
-    let offset = |sequence: u64| (sequence - batch.first_sequence) as usize;
-    let mut run_start = None;
-    for index in offset(start)..offset(end) {
-        match (filter.matches(batch.channel(index)), run_start) {
-            (true, None) => run_start = Some(index),
-            (false, Some(from)) => {
-                delivery.push(batch.records(from..index), index - from);
-                run_start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(from) = run_start {
-        delivery.push(batch.records(from..offset(end)), offset(end) - from);
-    }
-    *expected = end;
-    delivery
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         frame::Channel,
-        wire::{EncodedPacketsBuilder, PacketFields},
+        wire::{EncodedPacketsBuilder, PacketFields, SequencedBatch},
     };
 
-    fn batch(first: u64, channels: &[u32]) -> SequencedBatch {
+    /// A stored batch from `first`, one packet per entry of `channels`
+    /// (shared with the message format's tests).
+    pub(super) fn batch(first: u64, channels: &[u32]) -> SequencedBatch {
         let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0, first);
         for (index, channel) in channels.iter().enumerate() {
             builder.push(&PacketFields {
                 channel: Channel(*channel),
-                payload: b"x",
-                digest: &[0; 32],
-                source: "tcp/1",
+                payload: &[7; 40],
+                digest: &[1; 32],
+                source: "tcp/127.0.0.1:9",
                 source_sequence: index as u64,
-                received_unix_nanos: 1,
+                received_unix_nanos: 5,
             });
         }
         builder.finish().stamp(first)
     }
 
+    /// A marker (genesis or keepalive tip) saying the next packet is `next`,
+    /// decoded the way every reader decodes it.
+    pub(super) fn marker(next: u64) -> SequencedBatch {
+        message::decode(Some(&message::marker_headers(next)), bytes::Bytes::new())
+            .expect("a marker decodes")
+    }
+
     #[test]
-    fn replay_takes_the_requested_range_and_counts_gaps() {
-        let stored = batch(10, &[1, 2, 1, 1, 2]);
-        let mut expected = 8;
-        let all = deliver_range(&stored, &mut expected, 13, &ChannelFilter::default());
-        assert_eq!((all.packets(), all.missed, expected), (3, 2, 13));
-        let mut expected = 11;
-        let ones = deliver_range(&stored, &mut expected, 100, &ChannelFilter::new(vec![1]));
-        assert_eq!((ones.packets(), ones.missed, expected), (2, 0, 15));
-        let mut expected = 15;
-        let past = deliver_range(&stored, &mut expected, 100, &ChannelFilter::default());
-        assert_eq!((past.packets(), expected), (0, 15));
+    fn the_duplicate_window_fits_within_max_age() {
+        assert_eq!(duplicate_window(Duration::ZERO), DUPLICATE_WINDOW);
+        assert_eq!(
+            duplicate_window(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            duplicate_window(Duration::from_secs(3600)),
+            DUPLICATE_WINDOW
+        );
+    }
+
+    #[test]
+    fn keepalive_refreshes_a_third_of_max_age_and_at_most_once_a_second() {
+        assert_eq!(keepalive_interval(Duration::ZERO), None);
+        assert_eq!(
+            keepalive_interval(Duration::from_secs(2)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            keepalive_interval(Duration::from_secs(3600)),
+            Some(Duration::from_secs(1200))
+        );
     }
 }

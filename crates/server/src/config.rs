@@ -191,7 +191,7 @@ pub struct ServeArgs {
     /// JetStream stream name for cluster mode (subjects packetingest.>).
     #[arg(long, env = "PACKET_INGEST_CLUSTER_STREAM", default_value = "PACKETS")]
     pub cluster_stream: String,
-    /// Cluster mode: the JetStream stream drops messages older than this (0s: no limit).
+    /// Cluster mode: the JetStream stream drops messages older than this (0s: no limit; else at least 2s).
     #[arg(long, env = "PACKET_INGEST_CLUSTER_MAX_AGE", default_value = "0s", value_parser = parse_duration)]
     pub cluster_max_age: Duration,
     /// Cluster mode: the JetStream stream drops its oldest messages beyond this size (0: no limit).
@@ -242,6 +242,10 @@ impl ServeArgs {
                 needed,
             });
         }
+        let max_age = self.cluster_max_age;
+        if !max_age.is_zero() && max_age < crate::cluster::MIN_MAX_AGE {
+            return Err(ConfigError::ClusterMaxAgeTooShort { max_age });
+        }
         Ok(())
     }
 }
@@ -261,6 +265,8 @@ pub enum ConfigError {
     CatchUpWithoutDataDir,
     #[error("--data-dir and --cluster-nats cannot be used together: in cluster mode JetStream keeps the stream")]
     DataDirWithCluster,
+    #[error("--cluster-max-age {max_age:?} is too short: use 0s (no limit) or at least 2s, so that replicas can refresh an idle stream's last message before it expires")]
+    ClusterMaxAgeTooShort { max_age: Duration },
     #[error(transparent)]
     Log(#[from] crate::log::LogError),
     #[error("cannot read --auth-token-file {path}: {source}")]
@@ -504,6 +510,22 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(ServeArgs::try_parse_from(["x", "--max-payload", "0"]).is_err());
         assert!(ServeArgs::try_parse_from(["x", "--slow-subscriber", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn cluster_max_age_is_none_or_long_enough_to_refresh() {
+        let validate = |age: &str| {
+            ServeArgs::try_parse_from(["x", "--cluster-max-age", age])
+                .expect("parses")
+                .validate()
+        };
+        assert!(validate("0s").is_ok());
+        assert!(validate("2s").is_ok());
+        assert!(validate("24h").is_ok());
+        assert!(matches!(
+            validate("1500ms"),
+            Err(ConfigError::ClusterMaxAgeTooShort { .. })
+        ));
     }
 
     #[test]

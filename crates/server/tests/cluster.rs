@@ -10,7 +10,7 @@ mod common;
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use common::{process::Process, *};
-use packet_ingest::pb::{Packet, SubscribeResponse};
+use packet_ingest::pb::{Packet, StreamInfoRequest, StreamInfoResponse, SubscribeResponse};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -403,4 +403,158 @@ async fn tcp_acknowledgements_wait_for_jetstream() {
     .await
     .expect("every frame is acknowledged");
     assert_eq!((latest.last_sequence, latest.rejected), (COUNT as u64, 0));
+}
+
+/// The stream's JetStream state (messages, first and last stream sequence).
+async fn stream_state(url: &str) -> async_nats::jetstream::stream::State {
+    let client = async_nats::connect(url).await.expect("nats");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("PACKETS")
+        .await
+        .expect("stream");
+    stream.info().await.expect("info").state.clone()
+}
+
+/// Polls JetStream until every message through stream sequence `through`
+/// has expired (bounded by PATIENCE); returns the state then.
+async fn expired_through(url: &str, through: u64) -> async_nats::jetstream::stream::State {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let state = stream_state(url).await;
+        if state.first_sequence > through {
+            return state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages through {through} never expired: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn stream_info(server: &packet_ingest::server::RunningServer) -> StreamInfoResponse {
+    client(server)
+        .await
+        .stream_info(StreamInfoRequest {})
+        .await
+        .expect("StreamInfo")
+        .into_inner()
+}
+
+/// StreamInfo's range: (first sequence, next sequence, retained packets).
+fn range(info: &StreamInfoResponse) -> (u64, u64, u64) {
+    (
+        info.first_sequence,
+        info.next_sequence,
+        info.retained_packets,
+    )
+}
+
+/// The smallest max-age cluster mode accepts (JetStream's own minimum is 100ms).
+const MAX_AGE: &str = "2s";
+
+/// An idle stream outlives `--cluster-max-age`: the running replica stores
+/// empty tip messages, so after two max-ages of idleness, every packet and
+/// the first tips expired, a replica started later continues the numbering
+/// densely, and subscribers (live, resuming, replaying past the tip
+/// messages from JetStream) see exactly the packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_keeps_its_numbering_past_max_age() {
+    let Some(nats) = Nats::start(store_dir("keepalive"), None).await else {
+        return;
+    };
+    let flags = ["--cluster-nats", &nats.url, "--cluster-max-age", MAX_AGE];
+    let a = start(&flags).await;
+    let mut on_a = subscribe(&a, vec![], None).await;
+    send_frames(a.ingest_addr, 5, 1).await;
+    let (before, missed) = collect(&mut on_a, 5).await;
+    assert_eq!(missed, 0);
+    assert_eq!(
+        before.iter().map(|p| p.sequence).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>()
+    );
+    let last_batch = stream_state(&nats.url).await.last_sequence;
+
+    // Idle until every message through the last batch has expired: only
+    // the running replica's empty tip messages are left.
+    let state = expired_through(&nats.url, last_batch).await;
+    assert!(state.messages >= 1, "the tip expired too: {state:?}");
+    assert!(state.last_sequence > last_batch);
+    // Idle for another max-age, until those tips have expired in turn: the
+    // replica keeps storing new ones.
+    let state = expired_through(&nats.url, state.last_sequence).await;
+    assert!(state.messages >= 1, "the tip expired too: {state:?}");
+    assert_eq!(stored(&nats.url).await.1, 6, "the tip still says 6 is next");
+    assert_eq!(range(&stream_info(&a).await), (6, 6, 0));
+
+    let b = start(&flags).await;
+    let mut resumed = subscribe(&b, vec![], Some(6)).await;
+    send_frames(b.ingest_addr, 4, 2).await;
+    let (after, missed) = receive_through(&mut resumed, 9).await;
+    assert_eq!(missed, 0);
+    assert_eq!(
+        after.iter().map(|p| p.sequence).collect::<Vec<_>>(),
+        (6..=9).collect::<Vec<_>>()
+    );
+    assert!(after.iter().all(|p| p.source_sequence < 4));
+    // Checked before 6..=9 can expire in turn (max-age is short).
+    let info = stream_info(&b).await;
+    assert_eq!(range(&info), (6, 10, 4));
+    assert!(info.oldest_received_unix_nanos > 0);
+    // A replica with no local history replays 6..=9 from JetStream, past
+    // the tip messages stored before them.
+    let c = start(&[&flags[..], &["--history", "1", "--subscriber-buffer", "1"]].concat()).await;
+    let mut replayed = subscribe(&c, vec![], Some(6)).await;
+    let (again, missed) = receive_through(&mut replayed, 9).await;
+    assert_eq!(missed, 0);
+    assert_eq!(
+        again.iter().map(key).collect::<Vec<_>>(),
+        after.iter().map(key).collect::<Vec<_>>()
+    );
+    // The replica that stayed up saw the same numbering, dense across the idle time.
+    let (live, missed) = receive_through(&mut on_a, 9).await;
+    assert_eq!(missed, 0);
+    assert_eq!(
+        live.iter().map(key).collect::<Vec<_>>(),
+        after.iter().map(key).collect::<Vec<_>>()
+    );
+    assert_eq!(info.stream_id, stream_info(&a).await.stream_id);
+}
+
+/// With every replica down for longer than max-age, every message expires
+/// and nothing says which packet sequence comes next: a replica starting
+/// then exits and says what happened and what to do, rather than guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starting_after_every_message_expired_exits_naming_the_remedy() {
+    let Some(nats) = Nats::start(store_dir("expired"), None).await else {
+        return;
+    };
+    let flags = ["--cluster-nats", &nats.url, "--cluster-max-age", MAX_AGE];
+    let mut a = Process::spawn(&flags).await;
+    let mut on_a = a.subscribe().await;
+    send_frames(a.ingest, 3, 1).await;
+    collect(&mut on_a, 3).await;
+    a.child.kill().await.expect("kill the only replica");
+    let last = stream_state(&nats.url).await.last_sequence;
+    let state = expired_through(&nats.url, last).await;
+    assert_eq!(state.messages, 0);
+
+    let binary = env!("CARGO_BIN_EXE_packet-ingest");
+    let output = tokio::time::timeout(
+        PATIENCE,
+        Command::new(binary)
+            .args(LOOPBACK_ADDRS)
+            .args(flags)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the replica exits")
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("has no messages left") && stderr.contains("nats stream rm PACKETS"),
+        "{stderr}"
+    );
 }

@@ -7,6 +7,13 @@
 //! to its hub without re-encoding; the body is checked against the headers
 //! on the way in, so a message that disagrees with its own headers is never
 //! delivered.
+//!
+//! A message with `Pi-Count: 0` and an empty body is a *marker*: the genesis
+//! marker at 1 that anchors an empty stream, or a keepalive tip that a replica
+//! stores at the stream's next packet sequence so that `--cluster-max-age`
+//! never removes the last message. A marker may stand anywhere in the stream;
+//! it decodes as an empty batch, which moves a reader's tip and delivers
+//! nothing.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -18,7 +25,7 @@ use crate::{
 
 /// First packet sequence of the message.
 pub const FIRST: &str = "Pi-First";
-/// Packets in the message (0 for the stream's genesis marker).
+/// Packets in the message (0 for a marker: genesis or keepalive tip).
 pub const COUNT: &str = "Pi-Count";
 /// `received_unix_nanos` of the message's oldest packet.
 pub const RECEIVED: &str = "Pi-Received";
@@ -74,12 +81,18 @@ pub fn headers(batch: &SequencedBatch) -> HeaderMap {
     headers
 }
 
-/// Headers of the genesis marker: an empty message that anchors numbering at 1.
-pub fn genesis_headers() -> HeaderMap {
+/// Headers of a marker: an empty message that says the next packet is
+/// `next` (no `Pi-Received`: it holds no packet).
+pub fn marker_headers(next: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(FIRST, "1");
+    headers.insert(FIRST, next.to_string().as_str());
     headers.insert(COUNT, "0");
     headers
+}
+
+/// Headers of the genesis marker: the marker that anchors numbering at 1.
+pub fn genesis_headers() -> HeaderMap {
+    marker_headers(1)
 }
 
 /// The batch a message holds, checked against its headers: every record is
@@ -137,21 +150,12 @@ fn record_at(body: &[u8], at: usize, sequence: u64) -> Option<(Channel, usize)> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{EncodedPacketsBuilder, PacketFields};
+    use crate::cluster::tests::batch as batch_on;
 
+    /// `count` packets from `first`, on channels 0, 1, 2, 0, ...
     fn batch(first: u64, count: usize) -> SequencedBatch {
-        let mut builder = EncodedPacketsBuilder::with_capacity(count, 0, first);
-        for index in 0..count {
-            builder.push(&PacketFields {
-                channel: Channel(index as u32 % 3),
-                payload: &[7; 40],
-                digest: &[1; 32],
-                source: "tcp/127.0.0.1:9",
-                source_sequence: index as u64,
-                received_unix_nanos: 5,
-            });
-        }
-        builder.finish().stamp(first)
+        let channels: Vec<u32> = (0..count as u32).map(|index| index % 3).collect();
+        batch_on(first, &channels)
     }
 
     #[test]
@@ -191,5 +195,31 @@ mod tests {
     fn the_genesis_marker_is_an_empty_batch_at_one() {
         let decoded = decode(Some(&genesis_headers()), Bytes::new()).expect("decodes");
         assert_eq!((decoded.first_sequence, decoded.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_keepalive_tip_is_an_empty_batch_at_the_next_sequence() {
+        let decoded = decode(Some(&marker_headers(4321)), Bytes::new()).expect("decodes");
+        assert_eq!(
+            (decoded.first_sequence, decoded.end_sequence()),
+            (4321, 4321)
+        );
+        assert!(decoded.is_empty());
+        assert_eq!(
+            placement(Some(&marker_headers(4321))),
+            Ok(Placement {
+                first: 4321,
+                count: 0
+            })
+        );
+    }
+
+    #[test]
+    fn a_marker_with_a_body_is_refused() {
+        let records = batch(9, 2).body().clone();
+        assert_eq!(
+            decode(Some(&marker_headers(9)), records).err(),
+            Some(MessageError::Body { first: 9, count: 0 })
+        );
     }
 }

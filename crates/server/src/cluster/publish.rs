@@ -15,8 +15,20 @@
 //! where it is, and the sequencer reads that message's numbering back. One
 //! message in flight per replica keeps every connection's batches in order,
 //! retries included.
+//!
+//! Keepalive (`--cluster-max-age` only): when the sequencer is idle and the
+//! tip has not moved for [`super::keepalive_interval`], it stores an empty
+//! tip marker numbered like a batch (`Pi-First` = the next packet sequence,
+//! `Pi-Count` 0, `Nats-Expected-Last-Sequence` = the tip), so the stream's
+//! last message is never older than max-age. Its `Nats-Msg-Id` names the tip
+//! it follows: replicas that do it at once publish the same id, JetStream
+//! keeps one and answers the others "duplicate"; a "wrong last sequence"
+//! means someone stored after the tip, and the sequencer only re-reads it.
 
 use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::time::Instant;
 
 use async_nats::{
     header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID},
@@ -148,6 +160,49 @@ impl ClusterPublisher {
     }
 }
 
+/// When this replica stores an empty tip marker to keep the tip from expiring.
+pub(super) struct Keepalive {
+    interval: Duration,
+    /// The replica's tip, watched for moves (anyone's message moves it).
+    tips: watch::Receiver<Tip>,
+    /// When the tip last moved, or the last keepalive was tried.
+    since: Instant,
+}
+
+impl Keepalive {
+    /// `age`: how long ago the current tip was stored.
+    pub(super) fn new(interval: Duration, tips: watch::Receiver<Tip>, age: Duration) -> Self {
+        let now = Instant::now();
+        Keepalive {
+            interval,
+            tips,
+            since: now.checked_sub(age.min(interval)).unwrap_or(now),
+        }
+    }
+
+    /// Resolves once the tip has stood still for `interval`. Cancel-safe:
+    /// what it learns is kept in `self`.
+    async fn idle(&mut self) {
+        loop {
+            let deadline = self.since + self.interval;
+            match tokio::time::timeout_at(deadline, self.tips.changed()).await {
+                Err(_elapsed) => return,
+                Ok(Ok(())) => self.since = Instant::now(),
+                // The tip's sender outlives the sequencer; if not, nothing moves.
+                Ok(Err(_)) => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// Until the keepalive is due; never without one.
+async fn keepalive_due(keepalive: Option<&mut Keepalive>) {
+    match keepalive {
+        Some(keepalive) => keepalive.idle().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How one attempt at storing a message ended.
 enum Attempt {
     /// Stored (now, or by an earlier attempt) with packets from this sequence on.
@@ -174,6 +229,8 @@ pub(super) struct Sequencer {
     pub(super) max_lag: u64,
     /// Messages started so far (the message id's counter).
     pub(super) messages: u64,
+    /// Set under `--cluster-max-age`.
+    pub(super) keepalive: Option<Keepalive>,
 }
 
 impl Sequencer {
@@ -183,10 +240,19 @@ impl Sequencer {
         loop {
             let first = match carried.take() {
                 Some(queued) => queued,
-                None => match self.queue.recv().await {
-                    Some(queued) => queued,
-                    None => return,
-                },
+                None => {
+                    let queue = &mut self.queue;
+                    tokio::select! {
+                        queued = queue.recv() => match queued {
+                            Some(queued) => queued,
+                            None => return,
+                        },
+                        () = keepalive_due(self.keepalive.as_mut()) => {
+                            self.keep_alive().await;
+                            continue;
+                        }
+                    }
+                }
             };
             // Whatever else is already waiting rides in the same message.
             let mut size = first.packets.byte_size();
@@ -288,7 +354,8 @@ impl Sequencer {
                     .await
                     .is_ok_and(|seen| seen.is_ok());
                     if !moved {
-                        match read_tip(&self.stream).await {
+                        let known = *self.shared.tip.borrow();
+                        match read_tip(&self.stream, known).await {
                             Ok(tip) => self.shared.reset(tip),
                             Err(error) => {
                                 failures += self.failed(&error, failures).await;
@@ -314,6 +381,73 @@ impl Sequencer {
                 }
                 return;
             }
+        }
+    }
+
+    /// Stores an empty tip marker after the tip this replica knows, so that
+    /// max-age does not remove the stream's last message. Never retried on a
+    /// conflict: that means the stream moved on, which is what was wanted.
+    async fn keep_alive(&mut self) {
+        let tip = *self.shared.tip.borrow();
+        let mut headers = message::marker_headers(tip.next_packet);
+        // Named after the tip it follows: replicas doing this at once send
+        // the same id and JetStream stores one.
+        let id = format!(
+            "packet-ingest-tip-{}-{}",
+            tip.stream_sequence, tip.next_packet
+        );
+        headers.insert(NATS_MESSAGE_ID, id.as_str());
+        headers.insert(
+            NATS_EXPECTED_LAST_SEQUENCE,
+            tip.stream_sequence.to_string().as_str(),
+        );
+        let ack = match self
+            .jetstream
+            .publish_with_headers(BATCH_SUBJECT, headers, Bytes::new())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        let mut retry_sooner = false;
+        match ack {
+            // Stored now, or by another replica under the same id: either
+            // way the message after the tip is this empty one.
+            Ok(ack) => {
+                tracing::debug!(
+                    stream_sequence = ack.sequence,
+                    next = tip.next_packet,
+                    duplicate = ack.duplicate,
+                    "stored an empty tip message: the stream's numbering outlives --cluster-max-age"
+                );
+                self.shared.advance(Tip {
+                    stream_sequence: ack.sequence,
+                    next_packet: tip.next_packet,
+                });
+            }
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                match read_tip(&self.stream, tip).await {
+                    Ok(now) => self.shared.reset(now),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the stream's tip after a keepalive conflict");
+                        retry_sooner = true;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, next = tip.next_packet, "could not store an empty tip message; the stream's last message may expire under --cluster-max-age");
+                retry_sooner = true;
+            }
+        }
+        if let Some(keepalive) = &mut self.keepalive {
+            let now = Instant::now();
+            // After a failure, try again in half an interval: two thirds of
+            // max-age leave room for several attempts before the tip expires.
+            let back = match retry_sooner {
+                true => keepalive.interval / 2,
+                false => Duration::ZERO,
+            };
+            keepalive.since = now.checked_sub(back).unwrap_or(now);
         }
     }
 
