@@ -6,7 +6,9 @@ loopback, every server with --slow-subscriber block):
   - cluster-1:  one replica with --cluster-nats (producer and subscriber on it),
   - cluster-2:  two replicas on the same stream, producer on replica A and
                 subscriber on replica B,
-for 1 KiB and 64 B unpaced throughput and for 1 KiB paced at RATE (latency).
+for 1 KiB and 64 B unpaced throughput and for 1 KiB paced at RATE (latency);
+and, for the latency tail's origin, JetStream on its own paced at RATE with the
+same client (acked publishes, an ordered consumer).
 Every case gets its own nats-server with a fresh JetStream store directory
 and its own stream name, so no run sees another's data. nats-server's CPU is
 read from /proc/PID/stat around each run, beside the replicas' (the bench's
@@ -88,6 +90,8 @@ class Case:
             return self.start_replica("A")
         if not self.start_nats():
             return False
+        if setup == "jetstream":
+            return True
         cluster = ("--cluster-nats", self.nats_url, "--cluster-stream", "BENCH_" + self.name.upper().replace("-", "_"))
         return self.start_replica("A", *cluster) and (setup == "cluster-1" or self.start_replica("B", *cluster))
 
@@ -110,17 +114,21 @@ def run_case(bench, scratch, name, setup, *args):
         if not case.start(setup):
             meta.append("setup_failed=1")
             return
-        # Producer on replica A, subscriber on the last replica started (B in cluster-2).
-        ingest, grpc = case.replicas[0][1].ingest, case.replicas[-1][1].grpc
+        if setup == "jetstream":
+            # JetStream alone, same client: publishes with acks, an ordered consumer.
+            target = ["--target", "jetstream", "--nats-url", case.nats_url]
+        else:
+            # Producer on replica A, subscriber on the last replica started (B in cluster-2).
+            ingest, grpc = case.replicas[0][1].ingest, case.replicas[-1][1].grpc
+            target = ["--target", "packet-ingest", "--ingest-addr", ingest, "--grpc-addr", grpc]
         nats_before = benchlib.cpu_seconds(case.nats.pid) if case.nats else None
         busy_before, t0 = benchlib.machine_busy_seconds(), time.time()
-        rc = bench.run(name, "--target", "packet-ingest", "--ingest-addr", ingest, "--grpc-addr", grpc,
-                       "--drain-timeout", DRAIN_TIMEOUT, *args, pids=[s.pid for _, s in case.replicas],
-                       timeout=LONGEST + CASE_TIMEOUT)
+        rc = bench.run(name, *target, "--drain-timeout", DRAIN_TIMEOUT, *args,
+                       pids=[s.pid for _, s in case.replicas], timeout=LONGEST + CASE_TIMEOUT)
         t1, busy_after = time.time(), benchlib.machine_busy_seconds()
         nats_after = benchlib.cpu_seconds(case.nats.pid) if case.nats else None
         meta += [f"rc={rc}", f"machine_busy_s={busy_after - busy_before:.2f}", f"bench_wall_s={t1 - t0:.2f}",
-                 f"ingest={ingest} grpc={grpc}"]
+                 "target=" + " ".join(target)]
         if case.nats:
             nats_s = "" if nats_before is None or nats_after is None else f"{nats_after - nats_before:.2f}"
             meta.append(f"nats_s={nats_s}")
@@ -151,6 +159,9 @@ def main():
                              ("paced", ["--size", "1KiB", "--rate", RATE, "--duration", PACED_DURATION])):
             for setup in ("single", "cluster-1", "cluster-2"):
                 run_case(bench, scratch, f"{prefix}-{setup}", setup, *args)
+        # Where a latency tail comes from: JetStream on its own, paced alike.
+        run_case(bench, scratch, "paced-jetstream", "jetstream", "--size", "1KiB", "--rate", RATE,
+                 "--duration", PACED_DURATION)
 
     # Only changes to what the binary is built from count (not this run's own edit of BENCHMARKS.md).
     benchlib.write_machine(RESULTS, started,

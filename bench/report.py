@@ -539,6 +539,16 @@ def cluster_section(results):
     row("  p99.9", "paced", lambda r: latency(r, "p999"), us)
     row("  max", "paced", lambda r: latency(r, "max"), us)
     w("")
+    js = usable("paced-jetstream")
+    if js is not None or meta("paced-jetstream"):
+        figures = "n/a: " + status("paced-jetstream") if js is None else ", ".join(
+            f"{label} {us(latency(js, key))}" for label, key in (("p50", "p50"), ("p99", "p99"), ("p99.9", "p999"),
+                                                                 ("max", "max")))
+        w(f"Where the cluster's latency tail comes from: **JetStream on its own**, paced at "
+          f"{int(paced_rate(machine)):,} pkts/s of 1 KiB with the same client (acked publishes, an ordered "
+          f"consumer, its own nats-server and file store, one message per packet): {figures}. Compare the "
+          "cluster columns above, where the replicas store one JetStream message per batch.")
+        w("")
 
     w("### Every run: completeness, CPU, problems")
     w("")
