@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The durable stream (`--data-dir`) on this machine, in one run, all driven by
 the same `packet-ingest-bench` client (1 KiB payloads, one producer, one
-subscriber, every server with `--slow-subscriber block`: lossless):
+subscriber; lossless: memory mode with `--slow-subscriber block`, --data-dir
+with its default, `catch-up`):
   - disk:       what the data directory's filesystem takes, sequential writes
                 with an fsync every 64 MiB (the physical bound of a log),
   - memory:     packet-ingest without --data-dir,
@@ -35,6 +36,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -63,15 +65,20 @@ def fact(key, value):
     log(f"  {key} = {value}")
 
 
-def disk_written_bytes():
-    """Bytes written to all whole disks so far (/proc/diskstats, 512-byte sectors)."""
+def disk_bytes(field):
+    """Bytes read (field 5) or written (field 9) on all whole disks so far
+    (/proc/diskstats counts 512-byte sectors)."""
     total = 0
     for line in Path("/proc/diskstats").read_text().splitlines():
         fields = line.split()
         name = fields[2]
         if re.fullmatch(r"(vd|sd|xvd|hd)[a-z]+|nvme\d+n\d+", name):
-            total += int(fields[9]) * 512
+            total += int(fields[field]) * 512
     return total
+
+
+def disk_written_bytes():
+    return disk_bytes(9)
 
 
 def metric(server, name):
@@ -110,8 +117,9 @@ def bench_run(bench, name, server, *args, size="1KiB"):
 
 
 def data_dir_server(name, directory, *args):
-    return benchlib.PacketIngest(RESULTS / f"{name}.server.log", "--data-dir", directory,
-                                 "--slow-subscriber", "block", *args)
+    # The default policy with a log: catch-up (lossless, and producers never
+    # wait for a subscriber; in block mode they would wait for the catch-up one).
+    return benchlib.PacketIngest(RESULTS / f"{name}.server.log", "--data-dir", directory, *args)
 
 
 def throughput(bench, scratch):
@@ -148,6 +156,10 @@ def catch_up(bench, scratch):
     directory = Path(scratch) / "catch-up"
     with data_dir_server("catch-up", directory) as server:
         bench_run(bench, "catch-up-fill", server, "--count", CATCHUP_PACKETS)
+        # What one packet takes in the log (record, framing, index), to turn the
+        # catch-up subscriber's packets into bytes of log it read.
+        log_bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        fact("catch_up.log_bytes_per_packet", f"{log_bytes / CATCHUP_PACKETS:.1f}")
         # Let the fill's writes reach the disk, so the live runs start alike.
         subprocess.run(["sync"])
         bench_run(bench, "live-alone", server, "--duration", DURATION)
@@ -164,15 +176,28 @@ def catch_up(bench, scratch):
                                 env=dict(os.environ, RUST_LOG="warn"))
         time.sleep(1)
         t0 = time.monotonic()
+        busy_before = benchlib.machine_busy_seconds()
+        disk_before = (disk_bytes(5), disk_bytes(9))
+        # Only waited-for children count: the catch-up client, not the live bench still running.
+        child_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         catcher = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=open(RESULTS / "catch-up.err", "w"),
                                  timeout=seconds + 300)
         elapsed = time.monotonic() - t0
+        child_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy = benchlib.machine_busy_seconds() - busy_before
+        disk_read, disk_written = disk_bytes(5) - disk_before[0], disk_bytes(9) - disk_before[1]
+        client = (child_after.ru_utime + child_after.ru_stime) - (child_before.ru_utime + child_before.ru_stime)
         read = metric(server, "packet_ingest_log_read_bytes_total") - read_before
         live.wait(timeout=seconds + 120)
         fact("catch_up.rc", catcher.returncode)
         fact("catch_up.packets", CATCHUP_PACKETS)
         fact("catch_up.seconds", f"{elapsed:.2f}")
         fact("catch_up.log_read_bytes", int(read))
+        fact("catch_up.own_mb_per_s", f"{CATCHUP_PACKETS * log_bytes / CATCHUP_PACKETS / elapsed / 1e6:.0f}")
+        fact("catch_up.client_cores", f"{client / elapsed:.2f}")
+        fact("catch_up.machine_busy_cores", f"{busy / elapsed:.2f}")
+        fact("catch_up.disk_read_mb_per_s", f"{disk_read / elapsed / 1e6:.0f}")
+        fact("catch_up.disk_write_mb_per_s", f"{disk_written / elapsed / 1e6:.0f}")
         fact("catch_up.overlapped_live", "yes" if elapsed < seconds - 1 else "no (it outlasted the live run)")
     shutil.rmtree(directory, ignore_errors=True)
 

@@ -689,8 +689,8 @@ def durable_section(results):
     w(f"Reproduce: `bench/durable.py` (this run: `{machine.get('settings')}`).")
     w("")
     w("One TCP producer and one subscriber, 1 KiB payloads, loopback, the same `packet-ingest-bench` client, "
-      "every server with `--slow-subscriber block` (lossless); `--data-dir` with the default `--fsync interval` "
-      "(100 ms group commit). JetStream: `nats-server -js`, file store, acked pipelined publishes, an ordered "
+      "lossless: memory mode with `--slow-subscriber block`, `--data-dir` with its defaults (`--slow-subscriber "
+      "catch-up`, `--fsync interval`: 100 ms group commit). JetStream: `nats-server -js`, file store, acked pipelined publishes, an ordered "
       "consumer. *Disk writes*: what `/proc/diskstats` counted for all disks during the run.")
     w("")
     disk = fnum("disk.write_mb_per_s")
@@ -737,15 +737,19 @@ def durable_section(results):
     w(f"A `--data-dir` server filled with {int(packets or 0):,} packets of 1 KiB "
       f"({'n/a' if fill is None else loss(fill)}); then a {machine.get('settings', '').split()[0].split('=')[-1]} "
       "live run alone; then the same live run with `rust_subscriber --from 1 --count N --quiet --no-gaps` "
-      "(prost-decoding every packet) started 1 s in. Catch-up rate = bytes the server read from the log for it "
-      "(`packet_ingest_log_read_bytes_total`) ÷ its wall time.")
+      "(prost-decoding every packet) started 1 s in. Catch-up rate = the packets it read × their bytes in the "
+      "log ÷ its wall time; beside it, everything the server read from the log meanwhile "
+      "(`packet_ingest_log_read_bytes_total`), which includes the live subscriber's own catch-up whenever it "
+      "falls off the memory ring.")
     w("")
     w("| figure | value | goal |")
     w("|---|---|---|")
-    rate = None if not (read and seconds) else read / seconds / 1e6
+    rate = fnum("catch_up.own_mb_per_s")
+    all_reads = None if not (read and seconds) else read / seconds / 1e6
     rc = facts.get("catch_up.rc", "n/a")
     status = "" if rc == "0" else f" (**subscriber exit {rc}**)"
-    w(f"| catch-up | {'n/a' if rate is None else f'{rate:,.0f} MB/s of log'}, "
+    w(f"| catch-up | {'n/a' if rate is None else f'{rate:,.0f} MB/s of log'} "
+      f"(all log reads meanwhile: {'n/a' if all_reads is None else f'{all_reads:,.0f} MB/s'}), "
       f"{'n/a' if not (packets and seconds) else si(packets / seconds) + ' pkts/s'} over {facts.get('catch_up.seconds', 'n/a')} s"
       f"{status}; overlapped the live run: {facts.get('catch_up.overlapped_live', 'n/a')} | ≥ 500 MB/s: "
       f"{verdict(None if rate is None else rate >= 500)} |")
@@ -753,6 +757,10 @@ def durable_section(results):
     w(f"| live alone | {si(a)} pkts/s ({loss(alone)}), disk writes {facts.get('live-alone.disk_mb_per_s', 'n/a')} MB/s | |")
     w(f"| live with the catch-up | {si(b)} pkts/s ({loss(beside)}), {fmt_ratio(ratio(b, a))} of alone | ≥ 0.9×: "
       f"{verdict(None if ratio(b, a) is None else ratio(b, a) >= 0.9)} |")
+    w(f"| while the catch-up ran | the catch-up client used {facts.get('catch_up.client_cores', 'n/a')} cores; "
+      f"the whole machine was busy {facts.get('catch_up.machine_busy_cores', 'n/a')} of {machine.get('cores')} cores; "
+      f"the disks read {facts.get('catch_up.disk_read_mb_per_s', 'n/a')} MB/s and wrote "
+      f"{facts.get('catch_up.disk_write_mb_per_s', 'n/a')} MB/s | |")
     for name, label in (("live-alone", "live alone"), ("live-with-catch-up", "live with the catch-up")):
         r = read_json(results, name)
         if r is not None:
