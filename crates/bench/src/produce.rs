@@ -17,7 +17,7 @@ use std::{
 
 use std::fmt::Write as _;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{future, stream, StreamExt};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use sha2::{Digest as _, Sha256};
@@ -443,6 +443,32 @@ async fn publish_producer(
     })
 }
 
+/// Payload `sent` of an async-nats producer (plain or JetStream): at its time
+/// when paced, carved out of `chunk`, so there is one allocation per megabytes,
+/// not per message (the client copies it into its own buffer).
+async fn next_payload(
+    chunk: &mut BytesMut,
+    plan: &Plan,
+    producer: usize,
+    sent: u64,
+    pacer: Option<Pacer>,
+) -> Bytes {
+    let stamp = match pacer {
+        None => 0,
+        Some(pacer) => {
+            if pacer.due(Instant::now()) <= sent {
+                tokio::time::sleep_until(pacer.time_of(sent).into()).await;
+            }
+            unix_nanos_now()
+        }
+    };
+    if chunk.capacity() < plan.size {
+        *chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
+    }
+    put_payload(chunk, plan.size, plan.content, producer as u32, stamp, sent);
+    chunk.split().freeze()
+}
+
 async fn nats_producer(
     index: usize,
     client: async_nats::Client,
@@ -453,33 +479,12 @@ async fn nats_producer(
 ) -> Result<ProducerReport, ToolError> {
     let subject = async_nats::Subject::from(format!("bench.{index}"));
     let counter = &shared.sent[index];
-    // Payloads are carved out of one large buffer: one allocation per
-    // megabytes, not per message (the client copies them into its own buffer).
     let mut chunk = BytesMut::new();
     let mut sent = 0u64;
     while limit.allows(sent) {
-        let stamp = match pacer {
-            None => 0,
-            Some(pacer) => {
-                if pacer.due(Instant::now()) <= sent {
-                    tokio::time::sleep_until(pacer.time_of(sent).into()).await;
-                }
-                unix_nanos_now()
-            }
-        };
-        if chunk.capacity() < plan.size {
-            chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
-        }
-        put_payload(
-            &mut chunk,
-            plan.size,
-            plan.content,
-            index as u32,
-            stamp,
-            sent,
-        );
+        let payload = next_payload(&mut chunk, plan, index, sent, pacer).await;
         client
-            .publish(subject.clone(), chunk.split().freeze())
+            .publish(subject.clone(), payload)
             .await
             .map_err(|error| format!("NATS publish failed: {error}"))?;
         sent += 1;
@@ -539,28 +544,9 @@ async fn jetstream_producer(
             .map_err(|error| format!("JetStream did not store a message: {error}"))
     };
     while limit.allows(sent) {
-        let stamp = match pacer {
-            None => 0,
-            Some(pacer) => {
-                if pacer.due(Instant::now()) <= sent {
-                    tokio::time::sleep_until(pacer.time_of(sent).into()).await;
-                }
-                unix_nanos_now()
-            }
-        };
-        if chunk.capacity() < plan.size {
-            chunk = BytesMut::with_capacity(BLOCK_BYTES.max(plan.size));
-        }
-        put_payload(
-            &mut chunk,
-            plan.size,
-            plan.content,
-            index as u32,
-            stamp,
-            sent,
-        );
+        let payload = next_payload(&mut chunk, plan, index, sent, pacer).await;
         let ack = context
-            .publish(subject.clone(), chunk.split().freeze())
+            .publish(subject.clone(), payload)
             .await
             .map_err(|error| format!("JetStream publish failed: {error}"))?;
         in_flight.push_back(ack);
