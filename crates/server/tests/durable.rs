@@ -122,7 +122,18 @@ struct Producer {
 
 impl Producer {
     async fn start(ingest: SocketAddr, pool: &Arc<Pool>, passes: u64) -> Producer {
-        let stream = TcpStream::connect(ingest).await.expect("connect ingest");
+        // Every producer of this test process connects from its own loopback
+        // address, so no two share a `source` (tcp/IP:PORT) even when the
+        // kernel hands a later connection an earlier one's port; the checks
+        // number packets per source.
+        static PRODUCERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = PRODUCERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let local = std::net::Ipv4Addr::new(127, 0, (n / 250) as u8, 2 + (n % 250) as u8);
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((local, 0)))
+            .expect("bind a loopback address");
+        let stream = socket.connect(ingest).await.expect("connect ingest");
         let source = format!("tcp/{}", stream.local_addr().expect("local addr"));
         let (mut read, mut write) = stream.into_split();
         let (written_tx, written) = watch::channel(0u64);
