@@ -97,9 +97,8 @@ impl Subscription {
                     // Back from the log: count this filter's packets afresh.
                     self.replaying = false;
                     self.disk.clear();
-                    // (release_disk_read, field by field: the ring is locked)
-                    let held = std::mem::take(&mut self.disk_held);
-                    self.hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
+                    // Field by field: `ring` borrows the hub.
+                    return_disk_read(&self.hub, &mut self.disk_held);
                     if self.filter.channels().is_some() {
                         let below: Vec<Arc<SequencedBatch>> = ring
                             .batches
@@ -223,10 +222,7 @@ impl Subscription {
 
     /// Returns this subscriber's log read to the shared allowance.
     fn release_disk_read(&mut self) {
-        let held = std::mem::take(&mut self.disk_held);
-        if held > 0 {
-            self.hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
-        }
+        return_disk_read(&self.hub, &mut self.disk_held);
     }
 
     /// Delivers whole batches one at a time where it can (for compressed
@@ -330,6 +326,14 @@ fn take_matching(
         delivery.push(batch.records(run_start..index), index - run_start);
     }
     (index, full)
+}
+
+/// Returns `held` bytes of log reads to the hub's shared allowance.
+fn return_disk_read(hub: &Hub, held: &mut usize) {
+    let held = std::mem::take(held);
+    if held > 0 {
+        hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Subscription {
