@@ -34,8 +34,10 @@ pub async fn write_log(
     stop: CancellationToken,
 ) {
     let options = writer.log().options().clone();
+    // Where the log ends, not where the hub is: producers may have published
+    // before this task first ran, and those batches must be written too.
+    let mut written = writer.end_sequence();
     let mut writer = Some(writer);
-    let mut written = hub.next_sequence();
     let mut synced = written;
     let mut last_sync = Instant::now();
     let mut last_retention = Instant::now() - RETENTION_EVERY;

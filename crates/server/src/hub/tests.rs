@@ -375,13 +375,11 @@ async fn filtered_resume_from_the_middle_of_the_ring_counts_exact_losses() {
     assert!(got.iter().all(|sequence| sequence % 2 == 1));
 }
 
-#[tokio::test]
-async fn catch_up_reads_share_half_the_memory_limit() {
+fn open_log(dir: &std::path::Path) -> crate::log::Opened {
     use crate::log::{FsyncPolicy, Log, LogOptions};
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let opened = Log::open(
+    Log::open(
         LogOptions {
-            dir: dir.path().to_owned(),
+            dir: dir.to_owned(),
             segment_bytes: 64 << 20,
             retention_bytes: None,
             retention_age: None,
@@ -390,7 +388,63 @@ async fn catch_up_reads_share_half_the_memory_limit() {
         },
         Metrics::new(),
     )
-    .expect("log opens");
+    .expect("log opens")
+}
+
+/// Producers may publish before the log writer task first runs (it is
+/// spawned, and the listeners accept at once): it must write from the log's
+/// end, not from wherever the hub has got to, or those packets are
+/// acknowledged and never stored (a replay from 1 began at 186, once).
+#[tokio::test]
+async fn batches_published_before_the_writer_starts_are_written_first() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 1 << 20,
+            memory_limit: 64 << 20,
+            policy: SlowSubscriberPolicy::CatchUp,
+            block_timeout: Duration::from_millis(200),
+            max_delivery_bytes: 1 << 20,
+        },
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    for _ in 0..5 {
+        hub.publish(batch(&[1; 37], 100)).await;
+    }
+    let end = hub.next_sequence();
+    assert_eq!(end, 1 + 5 * 37);
+    let (failing, _) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(super::persist::write_log(
+        Arc::clone(&hub),
+        opened.writer,
+        failing,
+        stop.clone(),
+    ));
+    let mut durable = hub.durable();
+    tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|at| *at >= end))
+        .await
+        .expect("made durable in time")
+        .expect("hub alive");
+    stop.cancel();
+    writer.await.expect("writer ends");
+    let read = opened.log.read(1, 1 << 20).expect("log reads");
+    assert_eq!(read.skipped, 0);
+    let firsts: Vec<u64> = read
+        .batches
+        .iter()
+        .map(|batch| batch.first_sequence)
+        .collect();
+    assert_eq!(firsts, vec![1, 38, 75, 112, 149]);
+}
+
+#[tokio::test]
+async fn catch_up_reads_share_half_the_memory_limit() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
     let mut writer = opened.writer;
     // 8 MiB of log: 64 batches of 16 packets of 8 KiB.
     let mut next = 1;

@@ -412,6 +412,20 @@ impl Log {
             match decoded {
                 Ok((batch, len)) => {
                     offset += len as u64;
+                    // Sequences missing between records (the writer refuses
+                    // gaps, so only a damaged log has one) are reported as
+                    // missed, never skipped silently.
+                    let wanted_from = expected.max(read.resume_at);
+                    if batch.first_sequence > wanted_from {
+                        self.metrics.log_corrupt_records.inc();
+                        tracing::error!(
+                            segment = segment.first_sequence,
+                            lost = ?(wanted_from..batch.first_sequence),
+                            "the log skips sequences"
+                        );
+                        read.skipped += batch.first_sequence - wanted_from;
+                        read.resume_at = batch.first_sequence;
+                    }
                     expected = batch.end_sequence();
                     if chunk.len() >= len {
                         let _ = chunk.split_to(len);
@@ -546,6 +560,17 @@ impl LogWriter {
         for batch in batches {
             if self.active.len >= self.log.options.segment_bytes {
                 break;
+            }
+            // A gap would be read back as a silent skip: refuse it (the
+            // writer then pauses ingest and health says why).
+            if batch.first_sequence != self.active.end_sequence {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "batch {} does not continue the log at {}",
+                        batch.first_sequence, self.active.end_sequence
+                    ),
+                ));
             }
             self.active.append(batch)?;
         }

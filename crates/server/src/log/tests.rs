@@ -232,3 +232,52 @@ fn one_write_never_spans_two_segments() {
     assert!(rounds > 1, "the write stopped at a segment's end");
     assert_eq!(read_all(&opened.log, 1).0, (1..201).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_write_that_would_leave_a_gap_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 3, 4, 100);
+    let error = writer
+        .write(&[batch(end + 1, 4, 100)])
+        .expect_err("a gap is refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+    writer.rollback().expect("rollback");
+    // Also within one write: the second batch does not continue the first.
+    let error = writer
+        .write(&[batch(end, 4, 100), batch(end + 5, 4, 100)])
+        .expect_err("a gap is refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+    writer.rollback().expect("rollback");
+    let after = fill(&mut writer, 2, 4, 100);
+    assert_eq!(
+        read_all(&opened.log, 1),
+        ((1..after).collect::<Vec<_>>(), 0)
+    );
+}
+
+#[test]
+fn sequences_missing_between_records_are_reported_not_skipped_silently() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 3, 4, 100);
+    // Past the writer's own check, as a damaged log would be.
+    writer
+        .active
+        .append(&batch(end + 10, 4, 100))
+        .expect("append");
+    writer.active.flush().expect("flush");
+    writer.publish_active();
+    let (sequences, skipped) = read_all(&opened.log, 1);
+    let expected: Vec<u64> = (1..end).chain(end + 10..end + 14).collect();
+    assert_eq!((sequences, skipped), (expected, 10));
+    // A read starting inside the gap is told what it misses from there.
+    let read = opened.log.read(end + 3, 100_000).expect("read");
+    assert_eq!(read.skipped, 7);
+    assert_eq!(read.batches[0].first_sequence, end + 10);
+    // A read starting past it is told nothing.
+    let read = opened.log.read(end + 11, 100_000).expect("read");
+    assert_eq!(read.skipped, 0);
+}
