@@ -67,6 +67,11 @@ pub struct TransportConfig {
 const STREAM_WINDOW: u32 = 256 * 1024;
 /// Per-connection receive window, shared by its streams.
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame a client may send (RFC 9113 default: 16 KiB).
+/// Publish uploads arrive in fewer, larger DATA frames, so more packets go
+/// to the verify pool per hand-off; a partial frame pins at most this much
+/// per connection.
+const MAX_FRAME: u32 = 64 * 1024;
 /// Response bytes queued per stream beyond what the client's window takes.
 const SEND_BUFFER: usize = 256 * 1024;
 /// Request headers HTTP/2 takes at all (beyond: HTTP 431); the routes
@@ -175,6 +180,7 @@ impl Connection {
             .max_concurrent_streams(self.config.max_streams_per_connection)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .max_send_buf_size(SEND_BUFFER)
             .max_header_list_size(MAX_HEADER_LIST);
         let connect_info = TcpConnectInfo {
