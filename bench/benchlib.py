@@ -47,7 +47,8 @@ def build_binaries():
     BIN = os.environ.get("PACKET_INGEST_BIN")
     if not BIN:
         log("building the release binary")
-        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "packet-ingest", "--bin",
+        # Both packages by name: the workspace builds only the server by default.
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "packet-ingest", "-p",
                         "packet-ingest-bench"], cwd=ROOT, stdout=sys.stderr, check=True)
         BIN = str(ROOT / "target" / "release" / "packet-ingest")
     BENCH_BIN = os.environ.get("PACKET_INGEST_BENCH_BIN") or str(Path(BIN).parent / "packet-ingest-bench")
