@@ -69,16 +69,19 @@ pub async fn write_log(
         let (owned, outcome) = tokio::task::spawn_blocking(move || {
             // The write may stop short of the last batch (at a segment's
             // end): the next round writes the rest. (end written, synced)
-            let mut outcome = match batches.is_empty() {
-                true => Ok((written, false)),
-                false => owned.write(&batches).map(|end| (end, false)),
+            let wrote = !batches.is_empty();
+            let mut outcome = match wrote {
+                false => Ok((written, false)),
+                true => owned.write(&batches).map(|end| (end, false)),
             };
             if let Ok((end, _)) = outcome {
                 if sync_due || policy == FsyncPolicy::Always {
                     outcome = owned.sync().map(|()| (end, true));
                 }
             }
-            if outcome.is_err() {
+            // Only this round's own write is undone: a sync-only round that
+            // fails just retries the sync (earlier writes are already read).
+            if outcome.is_err() && wrote {
                 if let Err(error) = owned.rollback() {
                     tracing::error!(%error, "cannot roll back a failed log write");
                 }

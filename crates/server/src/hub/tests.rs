@@ -375,20 +375,19 @@ async fn filtered_resume_from_the_middle_of_the_ring_counts_exact_losses() {
     assert!(got.iter().all(|sequence| sequence % 2 == 1));
 }
 
+fn log_options(dir: &std::path::Path) -> crate::log::LogOptions {
+    crate::log::LogOptions {
+        dir: dir.to_owned(),
+        segment_bytes: 64 << 20,
+        retention_bytes: None,
+        retention_age: None,
+        fsync: crate::log::FsyncPolicy::Never,
+        fsync_interval: Duration::from_millis(100),
+    }
+}
+
 fn open_log(dir: &std::path::Path) -> crate::log::Opened {
-    use crate::log::{FsyncPolicy, Log, LogOptions};
-    Log::open(
-        LogOptions {
-            dir: dir.to_owned(),
-            segment_bytes: 64 << 20,
-            retention_bytes: None,
-            retention_age: None,
-            fsync: FsyncPolicy::Never,
-            fsync_interval: Duration::from_millis(100),
-        },
-        Metrics::new(),
-    )
-    .expect("log opens")
+    crate::log::Log::open(log_options(dir), Metrics::new()).expect("log opens")
 }
 
 /// Producers may publish before the log writer task first runs (it is
@@ -439,6 +438,61 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
         .map(|batch| batch.first_sequence)
         .collect();
     assert_eq!(firsts, vec![1, 38, 75, 112, 149]);
+}
+
+/// A failed fsync in a round that wrote nothing must not undo what earlier
+/// rounds wrote (readers have it): it only retries the sync. Undoing it
+/// acknowledged packets no longer on disk, then refused every later write.
+#[tokio::test]
+async fn a_failed_sync_keeps_what_earlier_writes_stored() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut options = log_options(dir.path());
+    options.fsync = crate::log::FsyncPolicy::Interval;
+    options.fsync_interval = Duration::from_millis(200);
+    let mut opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
+    opened.writer.failing_syncs = 1;
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 1 << 20,
+            memory_limit: 64 << 20,
+            policy: SlowSubscriberPolicy::CatchUp,
+            block_timeout: Duration::from_millis(200),
+            max_delivery_bytes: 1 << 20,
+        },
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    // Written at once; its sync is due only 200 ms later, alone, and fails.
+    hub.publish(batch(&[1; 10], 100)).await;
+    let (failing, mut failing_rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(super::persist::write_log(
+        Arc::clone(&hub),
+        opened.writer,
+        failing,
+        stop.clone(),
+    ));
+    let within = Duration::from_secs(10);
+    tokio::time::timeout(within, failing_rx.wait_for(Option::is_some))
+        .await
+        .expect("the sync failed in time")
+        .expect("writer alive");
+    hub.publish(batch(&[1; 10], 100)).await;
+    let mut durable = hub.durable();
+    tokio::time::timeout(within, durable.wait_for(|at| *at >= 21))
+        .await
+        .expect("made durable in time")
+        .expect("hub alive");
+    stop.cancel();
+    writer.await.expect("writer ends");
+    let read = opened.log.read(1, 1 << 20).expect("log reads");
+    let firsts: Vec<u64> = read
+        .batches
+        .iter()
+        .map(|batch| batch.first_sequence)
+        .collect();
+    assert_eq!((firsts, read.skipped), (vec![1, 11], 0));
 }
 
 #[tokio::test]

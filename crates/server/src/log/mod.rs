@@ -268,6 +268,8 @@ impl Log {
             log: Arc::clone(&log),
             undo: (writer_segment.len, writer_segment.end_sequence),
             active: writer_segment,
+            #[cfg(test)]
+            failing_syncs: 0,
         };
         Ok(Opened {
             log,
@@ -531,6 +533,9 @@ pub struct LogWriter {
     /// Where the last `write` started in the active segment (len, end
     /// sequence): what `rollback` returns to.
     undo: (u64, u64),
+    /// Tests: how many of the next syncs fail (as fsync can, with EIO).
+    #[cfg(test)]
+    pub failing_syncs: u32,
 }
 
 impl LogWriter {
@@ -551,26 +556,29 @@ impl LogWriter {
     pub fn write(&mut self, batches: &[Arc<SequencedBatch>]) -> std::io::Result<u64> {
         // Set before and after a roll: a failed roll leaves the old segment as it was.
         self.undo = (self.active.len, self.active.end_sequence);
-        if let Some(first) = batches.first() {
-            if self.active.len >= self.log.options.segment_bytes {
-                self.roll(first.first_sequence)?;
-                self.undo = (self.active.len, self.active.end_sequence);
+        // A gap would be read back as a silent skip: refuse it (the writer
+        // then pauses ingest and health says why). Checked before a roll, so
+        // a new segment never starts past the old one's end.
+        let mut end = self.active.end_sequence;
+        for batch in batches {
+            if batch.first_sequence != end {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "batch {} does not continue the log at {end}",
+                        batch.first_sequence
+                    ),
+                ));
             }
+            end = batch.end_sequence();
+        }
+        if !batches.is_empty() && self.active.len >= self.log.options.segment_bytes {
+            self.roll()?;
+            self.undo = (self.active.len, self.active.end_sequence);
         }
         for batch in batches {
             if self.active.len >= self.log.options.segment_bytes {
                 break;
-            }
-            // A gap would be read back as a silent skip: refuse it (the
-            // writer then pauses ingest and health says why).
-            if batch.first_sequence != self.active.end_sequence {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "batch {} does not continue the log at {}",
-                        batch.first_sequence, self.active.end_sequence
-                    ),
-                ));
             }
             self.active.append(batch)?;
         }
@@ -597,11 +605,18 @@ impl LogWriter {
 
     /// Makes everything written survive a power loss.
     pub fn sync(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.failing_syncs > 0 {
+            self.failing_syncs -= 1;
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
         self.active.sync()
     }
 
-    /// Undoes the last `write` (it or the sync after it failed): its bytes
-    /// are dropped from the active segment, so retrying it appends them once.
+    /// Undoes the last `write` (it or the sync right after it failed): its
+    /// bytes are dropped from the active segment, so retrying it appends them
+    /// once. Only after a `write`: what earlier writes appended is already
+    /// readable and must stay.
     pub fn rollback(&mut self) -> std::io::Result<()> {
         let (len, end_sequence) = self.undo;
         let result = self.active.truncate_to(len, end_sequence);
@@ -609,7 +624,9 @@ impl LogWriter {
         result
     }
 
-    fn roll(&mut self, first_sequence: u64) -> std::io::Result<()> {
+    /// Closes the active segment and starts the next at its end.
+    fn roll(&mut self) -> std::io::Result<()> {
+        let first_sequence = self.active.end_sequence;
         // The old segment is complete on disk before the new one exists.
         self.active.sync()?;
         let next = SegmentWriter::create(&self.log.options.dir, first_sequence)?;
