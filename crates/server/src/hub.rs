@@ -194,11 +194,16 @@ impl Ring {
     }
 
     /// Cursor of the slowest subscriber that still counts in block mode.
+    /// Subscribers replaying from the log (behind the ring) do not: they
+    /// read from disk, and holding producers for them would stop ingest for
+    /// as long as any client takes to replay.
     fn slowest_live_cursor(&self) -> Option<u64> {
+        let oldest = self.oldest_sequence();
         self.slots
             .iter()
             .filter(|slot| !slot.kicked.load(Ordering::Relaxed))
             .map(|slot| slot.cursor.load(Ordering::Acquire))
+            .filter(|cursor| *cursor >= oldest)
             .min()
     }
 
@@ -766,6 +771,7 @@ impl Hub {
             replaying,
             disk: VecDeque::new(),
             disk_held: 0,
+            log_exhausted_at: None,
             pending_missed: missed,
             matched_before_cursor,
             filter,

@@ -28,6 +28,9 @@ pub struct Subscription {
     pub(super) disk: VecDeque<Arc<SequencedBatch>>,
     /// Bytes of `disk` charged to `Hub::disk_read_bytes`.
     pub(super) disk_held: usize,
+    /// A log read from this cursor found nothing and skipped nothing (only a
+    /// damaged log does that): do not ask the log again for it.
+    pub(super) log_exhausted_at: Option<u64>,
     pub(super) pending_missed: u64,
     /// Filtered subscribers: packets of their channels with sequence < cursor
     /// (counted from when the hub started watching those channels).
@@ -65,6 +68,9 @@ impl Subscription {
                 Take::End(end) => return Next::End(end),
                 Take::Disk => match self.take_from_disk().await {
                     Ok(Some(delivery)) => return Next::Delivery(delivery),
+                    // A filtered catch-up can read far without a match: the
+                    // heartbeat still goes out on time.
+                    Ok(None) if tokio::time::Instant::now() >= deadline => return Next::Idle,
                     Ok(None) => continue,
                     Err(end) => return Next::End(end),
                 },
@@ -88,17 +94,29 @@ impl Subscription {
                     return Take::End(end);
                 }
                 let oldest = ring.oldest_sequence();
-                let catch_up =
-                    self.replaying || self.hub.config.policy == SlowSubscriberPolicy::CatchUp;
-                if self.cursor < oldest && catch_up && self.hub.log.is_some() {
+                // In block mode only a subscriber replaying from before the
+                // ring is ever behind it (producers wait for live ones).
+                let catch_up = self.replaying
+                    || matches!(
+                        self.hub.config.policy,
+                        SlowSubscriberPolicy::CatchUp | SlowSubscriberPolicy::Block
+                    );
+                if self.cursor < oldest
+                    && catch_up
+                    && self.hub.log.is_some()
+                    && self.log_exhausted_at != Some(self.cursor)
+                {
                     return Take::Disk;
+                }
+                if self.cursor >= oldest && !self.disk.is_empty() {
+                    // Back on the ring: what was read ahead is not needed.
+                    self.disk.clear();
+                    // Field by field: `ring` borrows the hub.
+                    return_disk_read(&self.hub, &mut self.disk_held);
                 }
                 if self.replaying && self.cursor >= oldest {
                     // Back from the log: count this filter's packets afresh.
                     self.replaying = false;
-                    self.disk.clear();
-                    // Field by field: `ring` borrows the hub.
-                    return_disk_read(&self.hub, &mut self.disk_held);
                     if self.filter.channels().is_some() {
                         let below: Vec<Arc<SequencedBatch>> = ring
                             .batches
@@ -184,17 +202,37 @@ impl Subscription {
             // Stalled catch-up streams keep what they read, and the memory
             // ring does not see it: reads share half of --memory-limit, so
             // many catch-up subscribers get smaller reads, not more memory.
-            let in_use = self.hub.disk_read_bytes.load(Ordering::Acquire);
-            let size = (self.hub.config.memory_limit / 2)
-                .saturating_sub(in_use)
-                .clamp(MIN_DISK_READ, DISK_READ);
+            // Reserved before reading, so concurrent readers cannot all
+            // take the same room.
+            let size = self.reserve_disk_read();
             let read = tokio::task::spawn_blocking(move || log.read(from, size))
                 .await
-                .map_err(|_| SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other))?
-                .map_err(|error| {
-                    tracing::error!(%error, from, "cannot read the log for a subscriber");
-                    SubscriptionEnd::LogUnreadable(error.kind())
-                })?;
+                .map_err(|_| SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other))
+                .and_then(|read| {
+                    read.map_err(|error| {
+                        tracing::error!(%error, from, "cannot read the log for a subscriber");
+                        SubscriptionEnd::LogUnreadable(error.kind())
+                    })
+                });
+            let read = match read {
+                Ok(read) => read,
+                Err(end) => {
+                    self.release_disk_read();
+                    return Err(end);
+                }
+            };
+            // The reservation becomes what was read.
+            let held: usize = read.batches.iter().map(|batch| batch.body().len()).sum();
+            if held >= self.disk_held {
+                self.hub
+                    .disk_read_bytes
+                    .fetch_add(held - self.disk_held, Ordering::AcqRel);
+            } else {
+                self.hub
+                    .disk_read_bytes
+                    .fetch_sub(self.disk_held - held, Ordering::AcqRel);
+            }
+            self.disk_held = held;
             if read.skipped > 0 {
                 self.pending_missed += read.skipped;
                 self.hub.metrics.packets_missed.inc_by(read.skipped);
@@ -204,20 +242,39 @@ impl Subscription {
                 self.cursor = self.cursor.max(read.resume_at);
                 if read.resume_at == from {
                     self.replaying = false;
+                    self.log_exhausted_at = Some(from);
                 }
                 self.slot.cursor.store(self.cursor, Ordering::Release);
                 return Ok(None);
             }
-            self.disk_held = read.batches.iter().map(|batch| batch.body().len()).sum();
-            self.hub
-                .disk_read_bytes
-                .fetch_add(self.disk_held, Ordering::AcqRel);
             self.disk.extend(read.batches.into_iter().map(Arc::new));
         }
         let batches: Vec<Arc<SequencedBatch>> = self.disk.iter().cloned().collect();
         let delivery = self.collect(batches, self.hub.config.max_delivery_bytes);
         self.slot.cursor.store(self.cursor, Ordering::Release);
         Ok(delivery)
+    }
+
+    /// Takes the size of the next log read from the shared allowance (half
+    /// of `--memory-limit`; at least `MIN_DISK_READ`, so nobody starves).
+    fn reserve_disk_read(&mut self) -> usize {
+        let room = self.hub.config.memory_limit / 2;
+        let mut in_use = self.hub.disk_read_bytes.load(Ordering::Acquire);
+        loop {
+            let size = room.saturating_sub(in_use).clamp(MIN_DISK_READ, DISK_READ);
+            match self.hub.disk_read_bytes.compare_exchange_weak(
+                in_use,
+                in_use + size,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.disk_held = size;
+                    return size;
+                }
+                Err(now) => in_use = now,
+            }
+        }
     }
 
     /// Returns this subscriber's log read to the shared allowance.

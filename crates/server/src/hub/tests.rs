@@ -495,6 +495,68 @@ async fn a_failed_sync_keeps_what_earlier_writes_stored() {
     assert_eq!((firsts, read.skipped), (vec![1, 11], 0));
 }
 
+/// Block mode with a log: a subscriber replaying history from disk does not
+/// hold producers (a slow or idle replaying client would stop ingest), and
+/// still gets every packet, from disk, then the ring, without a gap.
+#[tokio::test]
+async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 64,
+            memory_limit: 1 << 20,
+            policy: SlowSubscriberPolicy::Block,
+            block_timeout: Duration::from_secs(30),
+            max_delivery_bytes: 64 << 10,
+        },
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    let (failing, _) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(super::persist::write_log(
+        Arc::clone(&hub),
+        opened.writer,
+        failing,
+        stop.clone(),
+    ));
+    let within = Duration::from_secs(10);
+    for _ in 0..20 {
+        tokio::time::timeout(within, hub.publish(batch(&[1; 16], 100)))
+            .await
+            .expect("published");
+    }
+    let mut durable = hub.durable();
+    tokio::time::timeout(within, durable.wait_for(|at| *at > 320))
+        .await
+        .expect("written in time")
+        .expect("hub alive");
+    // Replays from 1 (the ring keeps 64 packets) and does not read yet.
+    let mut replaying = hub
+        .subscribe(ChannelFilter::default(), Some(1))
+        .expect("subscribes");
+    for _ in 0..200 {
+        tokio::time::timeout(within, hub.publish(batch(&[1; 16], 100)))
+            .await
+            .expect("producers do not wait for the replaying subscriber");
+    }
+    let end = hub.next_sequence();
+    let mut got = Vec::new();
+    for _ in 0..10_000 {
+        if got.last().is_some_and(|last| last + 1 >= end) {
+            break;
+        }
+        let (missed, sequences) = sequences(next_delivery(&mut replaying).await);
+        assert_eq!(missed, 0);
+        got.extend(sequences);
+    }
+    assert_eq!(got, (1..end).collect::<Vec<_>>());
+    stop.cancel();
+    writer.await.expect("writer ends");
+}
+
 #[tokio::test]
 async fn catch_up_reads_share_half_the_memory_limit() {
     let dir = tempfile::tempdir().expect("temporary directory");

@@ -406,8 +406,15 @@ impl Log {
         while offset < segment.len {
             let decoded = match segment::decode_record(&chunk, offset) {
                 Err(RecordError::Truncated { .. }) if read.batches.is_empty() => {
-                    // A record larger than what was read: read it alone.
-                    segment::read_record_at(&file, offset, segment.len)
+                    // A record larger than what was read: read it alone. Whole
+                    // records end at `segment.len`, so one that runs past it
+                    // has a damaged length: corruption, not a short read.
+                    match segment::read_record_at(&file, offset, segment.len) {
+                        Err(RecordError::Truncated { offset }) => {
+                            Err(RecordError::BadHeader { offset })
+                        }
+                        decoded => decoded,
+                    }
                 }
                 decoded => decoded,
             };
@@ -497,6 +504,23 @@ impl Log {
             }
             if chunk.is_empty() && !read.batches.is_empty() {
                 break;
+            }
+        }
+        if offset >= segment.len && read.batches.is_empty() && read.resume_at == from {
+            // The segment's records end before the sequences it stands for
+            // (a damaged log): report the rest of it as missed, or the reader
+            // would ask for the same sequence forever.
+            let resume_at = next_first.unwrap_or(segment.end_sequence);
+            let wanted_from = expected.max(from);
+            if resume_at > wanted_from {
+                self.metrics.log_corrupt_records.inc();
+                tracing::error!(
+                    segment = segment.first_sequence,
+                    lost = ?(wanted_from..resume_at),
+                    "the log's segment ends early"
+                );
+                read.skipped += resume_at - wanted_from;
+                read.resume_at = resume_at;
             }
         }
         Ok(read)

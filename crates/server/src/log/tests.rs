@@ -281,3 +281,61 @@ fn sequences_missing_between_records_are_reported_not_skipped_silently() {
     let read = opened.log.read(end + 11, 100_000).expect("read");
     assert_eq!(read.skipped, 0);
 }
+
+/// Offsets of the records in a segment file, walked by their headers.
+fn record_offsets(bytes: &[u8]) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    while at + 16 <= bytes.len() {
+        offsets.push(at);
+        let field = |from: usize| {
+            u32::from_be_bytes([
+                bytes[from],
+                bytes[from + 1],
+                bytes[from + 2],
+                bytes[from + 3],
+            ]) as usize
+        };
+        at += 32 + field(at + 8) * 8 + field(at + 12);
+    }
+    offsets
+}
+
+#[test]
+fn a_record_whose_length_runs_past_the_segment_is_reported_not_read_forever() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 20, 4, 100);
+    drop(writer);
+    let path = segment::log_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    let damaged = record_offsets(&bytes)[5];
+    // Body length far past the file; the magic stays intact.
+    bytes[damaged + 12..damaged + 16].copy_from_slice(&0x00ff_ffffu32.to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write segment");
+    let (sequences, skipped) = read_all(&opened.log, 1);
+    // Records 0..5 (4 packets each) read; everything after is reported.
+    assert_eq!(sequences, (1..21).collect::<Vec<_>>());
+    assert_eq!(skipped, end - 21);
+    assert!(opened.log.metrics.log_corrupt_records.get() >= 1);
+}
+
+#[test]
+fn a_segment_that_ends_before_the_next_one_begins_reports_the_difference() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Log::open(options(dir.path()), Metrics::new()).expect("open");
+    let mut writer = opened.writer;
+    let end = fill(&mut writer, 3, 4, 100);
+    drop(writer);
+    drop(opened.log);
+    // A later segment whose first sequence leaves 5 sequences unstored.
+    let mut later = SegmentWriter::create(dir.path(), end + 5).expect("create");
+    later.append(&batch(end + 5, 4, 100)).expect("append");
+    later.flush().expect("flush");
+    drop(later);
+    let reopened = Log::open(options(dir.path()), Metrics::new()).expect("reopen");
+    let (sequences, skipped) = read_all(&reopened.log, 1);
+    let expected: Vec<u64> = (1..end).chain(end + 5..end + 9).collect();
+    assert_eq!((sequences, skipped), (expected, 5));
+}
