@@ -571,7 +571,11 @@ impl Hub {
         // drops what a live subscriber has not read yet.
         while let Some(front) = ring.batches.front() {
             let front_len = front.batch.len() as u64;
-            let over_bytes = ring.retained_bytes + ring.pinned_bytes > self.config.memory_limit;
+            // Catch-up reads from the log count too: all of it is one limit.
+            let held = ring.retained_bytes
+                + ring.pinned_bytes
+                + self.disk_read_bytes.load(Ordering::Acquire);
+            let over_bytes = held > self.config.memory_limit;
             let over_count = ring.retained_packets - front_len >= self.config.retain_packets;
             let unread = protect_from.is_some_and(|cursor| front.batch.end_sequence() > cursor);
             if !(over_bytes || over_count) || unread || ring.batches.len() == 1 {
