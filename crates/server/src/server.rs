@@ -49,7 +49,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("cannot start the verification pool: {0}")]
-    Pool(#[from] rayon::ThreadPoolBuildError),
+    Pool(std::io::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
@@ -184,7 +184,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         tokio::spawn(Arc::clone(cluster).feed(Arc::clone(&hub), after, stop_feed.clone()))
     });
     let verifier = Verifier::new(hmac_key.as_deref(), args.require_hmac);
-    let pool = VerifyPool::new(verifier, args.verify_threads, hub.sequence_hint())?;
+    let pool = VerifyPool::new(verifier, args.verify_threads, hub.sequence_hint())
+        .map_err(StartError::Pool)?;
     let producer = ProducerContext {
         max_in_flight: pool.threads() * IN_FLIGHT_PER_THREAD,
         pool,
