@@ -281,6 +281,9 @@ pub struct Hub {
     log: Option<Arc<Log>>,
     /// Woken whenever a subscriber advances or leaves (block mode waits on it).
     progress: Notify,
+    /// Publishers wait for the log writer's fsync (see `want_sync`).
+    sync_wanted: Notify,
+    sync_wanted_flag: AtomicBool,
     config: HubConfig,
     metrics: Arc<Metrics>,
     sequence_hint: SequenceHint,
@@ -348,6 +351,8 @@ impl Hub {
             durable: watch::Sender::new(next_sequence),
             log,
             progress: Notify::new(),
+            sync_wanted: Notify::new(),
+            sync_wanted_flag: AtomicBool::new(false),
             config,
             metrics,
             sequence_hint: {
@@ -493,8 +498,14 @@ impl Hub {
                     }
                     return range;
                 }
-                // Held back by the log writer (a slow or failing disk): wait
-                // for it below, nobody is cut for it.
+                // Held back by the log writer (a slow or failing disk, or
+                // batches waiting for their fsync): wait for it below,
+                // nobody is cut for it.
+                if writer
+                    .is_some_and(|writer| block_slowest.is_none_or(|slowest| writer <= slowest))
+                {
+                    self.want_sync();
+                }
                 let slowest =
                     block_slowest.filter(|slowest| writer.is_none_or(|writer| *slowest < writer));
                 if let Some(slowest) = slowest {
@@ -656,12 +667,9 @@ impl Hub {
     }
 
     /// The log writer has written everything below `end`: subscribers may
-    /// read it, and the ring may drop it.
+    /// read it.
     pub fn mark_written(&self, end: u64) {
         let mut ring = self.lock();
-        if let Some(writer) = &ring.writer {
-            writer.cursor.store(end, Ordering::Release);
-        }
         ring.visible_end = ring.visible_end.max(end);
         drop(ring);
         self.head.send_if_modified(|head| {
@@ -669,16 +677,38 @@ impl Hub {
             *head = (*head).max(end);
             advanced
         });
-        self.progress.notify_waiters();
     }
 
-    /// Everything below `end` is durable (per `--fsync`).
+    /// Everything below `end` is durable (per `--fsync`): acknowledgements
+    /// may go out, and the ring may drop it (until then a failed fsync may
+    /// need it written again).
     pub fn mark_durable(&self, end: u64) {
+        if let Some(writer) = &self.lock().writer {
+            writer.cursor.store(end, Ordering::Release);
+        }
         self.durable.send_if_modified(|durable| {
             let advanced = *durable < end;
             *durable = (*durable).max(end);
             advanced
         });
+        self.progress.notify_waiters();
+    }
+
+    /// Publishers are held back by batches not yet durable: the log writer
+    /// should fsync now rather than at its interval.
+    fn want_sync(&self) {
+        self.sync_wanted_flag.store(true, Ordering::Release);
+        self.sync_wanted.notify_one();
+    }
+
+    /// Waits until a publisher asks for an early fsync (for the log writer).
+    pub async fn sync_wanted(&self) {
+        self.sync_wanted.notified().await;
+    }
+
+    /// Whether a publisher asked for an early fsync since the last call.
+    pub fn take_sync_wanted(&self) -> bool {
+        self.sync_wanted_flag.swap(false, Ordering::AcqRel)
     }
 
     /// Starts a subscription: live from now, or replay from `from_sequence` then live.

@@ -9,6 +9,13 @@
 //! is rolled back and retried with back-off; meanwhile the ring fills with
 //! unwritten batches and publishers wait, so ingest pauses (TCP backpressure)
 //! and nothing acknowledged is lost. `failing` says why, for health.
+//!
+//! A failed fsync is different: the pages it should have written may be
+//! dropped, and a later fsync that succeeds does not bring them back. So the
+//! ring keeps every batch until it is *durable*, not just written, and after
+//! a failed fsync the log is cut back to the last good one and everything
+//! since is written again from the ring before anything is acknowledged.
+//! When unsynced batches fill the ring, publishers ask for an early fsync.
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,6 +31,17 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Retention is applied this often (and after start).
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a round of the writer failed.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    /// The write failed; it was rolled back.
+    #[error("{0}")]
+    Write(std::io::Error),
+    /// The fsync failed; the log was cut back to the last good one, `from`.
+    #[error("fsync failed ({error}); writing again from sequence {from}")]
+    Sync { error: std::io::Error, from: u64 },
+}
 
 /// Runs until `stop` fires and everything numbered by then is written and
 /// synced. `failing` holds the reason writes fail, `None` while they succeed.
@@ -47,6 +65,7 @@ pub async fn write_log(
         let sync_due = synced < written
             && (options.fsync == FsyncPolicy::Always
                 || last_sync.elapsed() >= options.fsync_interval
+                || hub.take_sync_wanted()
                 || (stop.is_cancelled() && batches.is_empty()));
         let retention_due = last_retention.elapsed() >= RETENTION_EVERY;
         if batches.is_empty() && !sync_due && !retention_due {
@@ -56,6 +75,7 @@ pub async fn write_log(
             let next_sync = last_sync + options.fsync_interval;
             tokio::select! {
                 _ = hub.wait_assigned(written) => {}
+                _ = hub.sync_wanted(), if synced < written => {}
                 _ = tokio::time::sleep_until(next_sync), if synced < written => {}
                 _ = tokio::time::sleep_until(last_retention + RETENTION_EVERY) => {}
                 _ = stop.cancelled() => {}
@@ -72,19 +92,27 @@ pub async fn write_log(
             let wrote = !batches.is_empty();
             let mut outcome = match wrote {
                 false => Ok((written, false)),
-                true => owned.write(&batches).map(|end| (end, false)),
+                true => owned
+                    .write(&batches)
+                    .map(|end| (end, false))
+                    .map_err(RoundError::Write),
             };
-            if let Ok((end, _)) = outcome {
-                if sync_due || policy == FsyncPolicy::Always {
-                    outcome = owned.sync().map(|()| (end, true));
+            match outcome {
+                // Only this round's own write is undone (earlier ones are read).
+                Err(_) if wrote => {
+                    if let Err(error) = owned.rollback() {
+                        tracing::error!(%error, "cannot roll back a failed log write");
+                    }
                 }
-            }
-            // Only this round's own write is undone: a sync-only round that
-            // fails just retries the sync (earlier writes are already read).
-            if outcome.is_err() && wrote {
-                if let Err(error) = owned.rollback() {
-                    tracing::error!(%error, "cannot roll back a failed log write");
+                Err(_) => {}
+                Ok((end, _)) if sync_due || policy == FsyncPolicy::Always => {
+                    outcome = owned.sync().map(|()| (end, true)).map_err(|error| {
+                        // Everything since the last good fsync is written again.
+                        let from = owned.rewind_to_synced();
+                        RoundError::Sync { error, from }
+                    });
                 }
+                Ok(_) => {}
             }
             if retention_due {
                 owned.apply_retention();
@@ -112,6 +140,9 @@ pub async fn write_log(
                 }
             }
             Err(error) => {
+                if let RoundError::Sync { from, .. } = error {
+                    written = from;
+                }
                 hub.metrics.log_write_errors.inc();
                 tracing::error!(%error, retry = ?retry, "log write failed; ingest pauses until it succeeds");
                 failing.send_replace(Some(format!("log writes fail: {error}")));

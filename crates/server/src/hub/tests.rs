@@ -449,8 +449,11 @@ async fn a_failed_sync_keeps_what_earlier_writes_stored() {
     let mut options = log_options(dir.path());
     options.fsync = crate::log::FsyncPolicy::Interval;
     options.fsync_interval = Duration::from_millis(200);
-    let mut opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
-    opened.writer.failing_syncs = 1;
+    let opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
+    opened
+        .writer
+        .failing_syncs
+        .store(1, std::sync::atomic::Ordering::Release);
     let hub = Hub::with_log(
         HubConfig {
             retain_packets: 1 << 20,
@@ -493,6 +496,82 @@ async fn a_failed_sync_keeps_what_earlier_writes_stored() {
         .map(|batch| batch.first_sequence)
         .collect();
     assert_eq!((firsts, read.skipped), (vec![1, 11], 0));
+}
+
+/// After a failed fsync the pages it should have written may be gone, and a
+/// later fsync that succeeds would not say so: everything since the last good
+/// fsync is written again, from the ring, which keeps batches until they are
+/// durable (with a ring far smaller than what is published: publishers ask
+/// for early fsyncs instead of the ring dropping unsynced batches).
+#[tokio::test]
+async fn a_failed_fsync_writes_everything_since_the_last_good_one_again() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut options = log_options(dir.path());
+    options.fsync = crate::log::FsyncPolicy::Interval;
+    // Only early fsyncs (asked for by held publishers) and the final one.
+    options.fsync_interval = Duration::from_secs(3600);
+    let metrics = Metrics::new();
+    let opened = crate::log::Log::open(options, Arc::clone(&metrics)).expect("log opens");
+    let failing_syncs = Arc::clone(&opened.writer.failing_syncs);
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 1 << 20,
+            memory_limit: 8 << 10,
+            policy: SlowSubscriberPolicy::CatchUp,
+            block_timeout: Duration::from_millis(200),
+            max_delivery_bytes: 1 << 20,
+        },
+        Arc::clone(&metrics),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    let (failing, _) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(super::persist::write_log(
+        Arc::clone(&hub),
+        opened.writer,
+        failing,
+        stop.clone(),
+    ));
+    let within = Duration::from_secs(10);
+    for round in 0..80 {
+        if round == 40 {
+            // Far more than the ring holds has been written and synced: the
+            // next fsyncs fail.
+            failing_syncs.store(2, std::sync::atomic::Ordering::Release);
+        }
+        tokio::time::timeout(within, hub.publish(batch(&[1; 10], 100)))
+            .await
+            .expect("published: the ring is freed by fsyncs, early when it is full");
+        // The writer keeps up with each batch: only fsyncs are behind.
+        tokio::task::yield_now().await;
+    }
+    stop.cancel();
+    tokio::time::timeout(within, writer)
+        .await
+        .expect("the writer finishes in time")
+        .expect("writer ends");
+    assert_eq!(
+        *hub.durable().borrow(),
+        801,
+        "everything durable at the end"
+    );
+    assert_eq!(metrics.log_write_errors.get(), 2);
+    let mut firsts = Vec::new();
+    let mut from = 1;
+    for _ in 0..100 {
+        let read = opened.log.read(from, 1 << 20).expect("log reads");
+        assert_eq!(read.skipped, 0);
+        if read.batches.is_empty() {
+            break;
+        }
+        firsts.extend(read.batches.iter().map(|batch| batch.first_sequence));
+        from = read.resume_at;
+    }
+    assert_eq!(
+        firsts,
+        (0..80).map(|index| 1 + 10 * index).collect::<Vec<u64>>()
+    );
 }
 
 /// Block mode with a log: a subscriber replaying history from disk does not

@@ -267,9 +267,10 @@ impl Log {
         let writer = LogWriter {
             log: Arc::clone(&log),
             undo: (writer_segment.len, writer_segment.end_sequence),
+            synced: (writer_segment.len, writer_segment.end_sequence),
             active: writer_segment,
             #[cfg(test)]
-            failing_syncs: 0,
+            failing_syncs: Arc::default(),
         };
         Ok(Opened {
             log,
@@ -557,9 +558,12 @@ pub struct LogWriter {
     /// Where the last `write` started in the active segment (len, end
     /// sequence): what `rollback` returns to.
     undo: (u64, u64),
+    /// Where the active segment was when an fsync last succeeded (len, end
+    /// sequence): what `rewind_to_synced` returns to.
+    synced: (u64, u64),
     /// Tests: how many of the next syncs fail (as fsync can, with EIO).
     #[cfg(test)]
-    pub failing_syncs: u32,
+    pub failing_syncs: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl LogWriter {
@@ -630,11 +634,20 @@ impl LogWriter {
     /// Makes everything written survive a power loss.
     pub fn sync(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
-        if self.failing_syncs > 0 {
-            self.failing_syncs -= 1;
+        if self
+            .failing_syncs
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |left| left.checked_sub(1),
+            )
+            .is_ok()
+        {
             return Err(std::io::Error::other("injected fsync failure"));
         }
-        self.active.sync()
+        self.active.sync()?;
+        self.synced = (self.active.len, self.active.end_sequence);
+        Ok(())
     }
 
     /// Undoes the last `write` (it or the sync right after it failed): its
@@ -648,14 +661,30 @@ impl LogWriter {
         result
     }
 
+    /// After a failed fsync: what was written since the last good one may
+    /// not be on disk, and a later fsync that succeeds would not say so
+    /// (Linux may drop the pages of a failed writeback). It is cut from the
+    /// active segment, to be written again. Returns the sequence to write
+    /// from (even if cutting the file fails, the next write lands there).
+    pub fn rewind_to_synced(&mut self) -> u64 {
+        let (len, end_sequence) = self.synced;
+        if let Err(error) = self.active.truncate_to(len, end_sequence) {
+            tracing::error!(%error, "cannot cut the log back to its last fsync");
+        }
+        self.undo = self.synced;
+        self.publish_active();
+        end_sequence
+    }
+
     /// Closes the active segment and starts the next at its end.
     fn roll(&mut self) -> std::io::Result<()> {
         let first_sequence = self.active.end_sequence;
         // The old segment is complete on disk before the new one exists.
-        self.active.sync()?;
+        self.sync()?;
         let next = SegmentWriter::create(&self.log.options.dir, first_sequence)?;
         File::open(&self.log.options.dir)?.sync_all()?;
         self.active = next;
+        self.synced = (0, first_sequence);
         let mut segments = self
             .log
             .segments
