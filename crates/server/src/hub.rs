@@ -127,9 +127,35 @@ struct Slot {
     /// Who this is and what it reads, for the console.
     label: Option<Arc<str>>,
     filter: ChannelFilter,
+    /// Its last delivery came from the log, at `progressed_ms` (ms since
+    /// the hub started): a catch-up reader that is reading holds log reads
+    /// (their own budget), not ring memory, and is not cut for the ring's.
+    reading_log: AtomicBool,
+    progressed_ms: AtomicU64,
 }
 
+/// A catch-up reader that delivered within this long counts as reading.
+const READING_RECENTLY: Duration = Duration::from_secs(1);
+
 impl Slot {
+    fn new(
+        cursor: u64,
+        close_connection: Option<CancellationToken>,
+        label: Option<Arc<str>>,
+        filter: ChannelFilter,
+    ) -> Slot {
+        Slot {
+            cursor: AtomicU64::new(cursor),
+            ended: Mutex::new(None),
+            kicked: AtomicBool::new(false),
+            close_connection,
+            label,
+            filter,
+            reading_log: AtomicBool::new(false),
+            progressed_ms: AtomicU64::new(0),
+        }
+    }
+
     fn end(&self, why: SubscriptionEnd) -> bool {
         let first = !self.kicked.swap(true, Ordering::AcqRel);
         if first {
@@ -281,6 +307,8 @@ pub struct Hub {
     log: Option<Arc<Log>>,
     /// Woken whenever a subscriber advances or leaves (block mode waits on it).
     progress: Notify,
+    /// When the hub started (slot progress times count from it).
+    started: Instant,
     /// Publishers wait for the log writer's fsync (see `want_sync`).
     sync_wanted: Notify,
     sync_wanted_flag: AtomicBool,
@@ -323,14 +351,12 @@ impl Hub {
         log: Option<Arc<Log>>,
     ) -> Arc<Self> {
         let writer = log.as_ref().map(|_| {
-            Arc::new(Slot {
-                cursor: AtomicU64::new(next_sequence),
-                ended: Mutex::new(None),
-                kicked: AtomicBool::new(false),
-                close_connection: None,
-                label: None,
-                filter: ChannelFilter::default(),
-            })
+            Arc::new(Slot::new(
+                next_sequence,
+                None,
+                None,
+                ChannelFilter::default(),
+            ))
         });
         Arc::new(Hub {
             ring: Mutex::new(Ring {
@@ -351,6 +377,7 @@ impl Hub {
             durable: watch::Sender::new(next_sequence),
             log,
             progress: Notify::new(),
+            started: Instant::now(),
             sync_wanted: Notify::new(),
             sync_wanted_flag: AtomicBool::new(false),
             config,
@@ -620,8 +647,13 @@ impl Hub {
     /// of subscribers that fell off the ring, which are what holds them.
     fn close_laggards(&self, ring: &Ring) {
         let oldest = ring.oldest_sequence();
+        let now = self.elapsed_ms();
         for slot in &ring.slots {
+            let reading_log = slot.reading_log.load(Ordering::Acquire)
+                && now.saturating_sub(slot.progressed_ms.load(Ordering::Acquire))
+                    < READING_RECENTLY.as_millis() as u64;
             if slot.cursor.load(Ordering::Acquire) < oldest
+                && !reading_log
                 && slot.end(SubscriptionEnd::HoldingMemory)
             {
                 if let Some(close) = &slot.close_connection {
@@ -692,6 +724,10 @@ impl Hub {
             advanced
         });
         self.progress.notify_waiters();
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Publishers are held back by batches not yet durable: the log writer
@@ -782,14 +818,7 @@ impl Hub {
                 (ring.evicted_matching(&filter), below)
             }
         };
-        let slot = Arc::new(Slot {
-            cursor: AtomicU64::new(cursor),
-            ended: Mutex::new(None),
-            kicked: AtomicBool::new(false),
-            close_connection,
-            label,
-            filter: filter.clone(),
-        });
+        let slot = Arc::new(Slot::new(cursor, close_connection, label, filter.clone()));
         ring.slots.push(Arc::clone(&slot));
         drop(ring);
         let matched_before_cursor =

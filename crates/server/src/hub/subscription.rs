@@ -174,6 +174,7 @@ impl Subscription {
             };
             let delivery = self.collect(batches, max_bytes);
             self.slot.cursor.store(self.cursor, Ordering::Release);
+            self.slot.reading_log.store(false, Ordering::Release);
             if self.hub.config.policy == SlowSubscriberPolicy::Block {
                 self.hub.progress.notify_waiters();
             }
@@ -252,6 +253,10 @@ impl Subscription {
         let batches: Vec<Arc<SequencedBatch>> = self.disk.iter().cloned().collect();
         let delivery = self.collect(batches, self.hub.config.max_delivery_bytes);
         self.slot.cursor.store(self.cursor, Ordering::Release);
+        self.slot
+            .progressed_ms
+            .store(self.hub.elapsed_ms(), Ordering::Release);
+        self.slot.reading_log.store(true, Ordering::Release);
         Ok(delivery)
     }
 

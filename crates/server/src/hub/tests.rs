@@ -335,6 +335,86 @@ async fn pinned_memory_over_half_the_limit_closes_the_laggards_connection() {
     assert_eq!(hub.stats().pinned_bytes, 0);
 }
 
+/// Stalled streams pinning ring memory get their connections closed; a
+/// catch-up subscriber that is reading from the log holds none of it and
+/// keeps its connection.
+#[tokio::test]
+async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
+    let mut writer = opened.writer;
+    // History only on disk: 64 batches of 4 packets of 1 KiB.
+    let mut next = 1;
+    for _ in 0..64 {
+        let stamped = Arc::new(batch(&[1; 4], 1_000).stamp(next));
+        next = stamped.end_sequence();
+        writer.write(&[stamped]).expect("log write");
+    }
+    let hub = Hub::with_log(
+        HubConfig {
+            retain_packets: 1_000_000,
+            memory_limit: 64 * 1024,
+            policy: SlowSubscriberPolicy::CatchUp,
+            block_timeout: Duration::from_millis(200),
+            max_delivery_bytes: 8 * 1024,
+        },
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        next,
+    );
+    let (failing, _) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(super::persist::write_log(
+        Arc::clone(&hub),
+        writer,
+        failing,
+        stop.clone(),
+    ));
+    let stalled_connection = CancellationToken::new();
+    let mut stalled = hub
+        .subscribe_with(SubscribeOptions {
+            close_connection: Some(stalled_connection.clone()),
+            ..SubscribeOptions::default()
+        })
+        .expect("subscribe");
+    let reader_connection = CancellationToken::new();
+    let mut reader = hub
+        .subscribe_with(SubscribeOptions {
+            from_sequence: Some(1),
+            close_connection: Some(reader_connection.clone()),
+            ..SubscribeOptions::default()
+        })
+        .expect("subscribe");
+    let mut got = sequences(next_delivery(&mut reader).await).1;
+    hub.publish(batch(&[1, 1], 20_000)).await;
+    let held = next_delivery(&mut stalled).await;
+    // 40 KB stays pinned by `held` once the ring moves past it.
+    let within = Duration::from_secs(10);
+    for _ in 0..10 {
+        tokio::time::timeout(within, hub.publish(batch(&[1], 4_000)))
+            .await
+            .expect("published");
+    }
+    assert!(stalled_connection.is_cancelled(), "{:?}", hub.stats());
+    assert!(
+        !reader_connection.is_cancelled(),
+        "the log reader keeps its connection"
+    );
+    let end = hub.next_sequence();
+    for _ in 0..10_000 {
+        if got.last().is_some_and(|last| last + 1 >= end) {
+            break;
+        }
+        let (missed, more) = sequences(next_delivery(&mut reader).await);
+        assert_eq!(missed, 0);
+        got.extend(more);
+    }
+    assert_eq!(got, (1..end).collect::<Vec<_>>());
+    drop(held);
+    stop.cancel();
+    writer.await.expect("writer ends");
+}
+
 #[tokio::test]
 async fn channel_bookkeeping_exists_only_for_channels_someone_filters_on() {
     let hub = hub(SlowSubscriberPolicy::Gap, 4, 1 << 20);
