@@ -17,6 +17,21 @@ fn hub(policy: SlowSubscriberPolicy, retain: u64, memory: usize) -> Arc<Hub> {
     )
 }
 
+fn hub_config(
+    policy: SlowSubscriberPolicy,
+    retain_packets: u64,
+    memory_limit: usize,
+    max_delivery_bytes: usize,
+) -> HubConfig {
+    HubConfig {
+        retain_packets,
+        memory_limit,
+        policy,
+        block_timeout: Duration::from_millis(200),
+        max_delivery_bytes,
+    }
+}
+
 fn batch(channels: &[u32], payload_size: usize) -> EncodedPackets {
     let payload = vec![0xAB; payload_size];
     let mut builder = EncodedPacketsBuilder::with_capacity(channels.len(), 0, 1);
@@ -57,6 +72,19 @@ async fn next_delivery(subscription: &mut Subscription) -> Delivery {
         Next::Delivery(delivery) => delivery,
         other => panic!("expected a delivery, got {other:?}"),
     }
+}
+
+/// Reads on until `end`: every sequence from the first in `got`, nothing missed.
+async fn read_to_the_end(subscription: &mut Subscription, mut got: Vec<u64>, end: u64) {
+    for _ in 0..10_000 {
+        if got.last().is_some_and(|last| last + 1 >= end) {
+            break;
+        }
+        let (missed, more) = sequences(next_delivery(subscription).await);
+        assert_eq!(missed, 0);
+        got.extend(more);
+    }
+    assert_eq!(got, (1..end).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -351,25 +379,17 @@ async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
         writer.write(&[stamped]).expect("log write");
     }
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 1_000_000,
-            memory_limit: 64 * 1024,
-            policy: SlowSubscriberPolicy::CatchUp,
-            block_timeout: Duration::from_millis(200),
-            max_delivery_bytes: 8 * 1024,
-        },
+        hub_config(
+            SlowSubscriberPolicy::CatchUp,
+            1_000_000,
+            64 * 1024,
+            8 * 1024,
+        ),
         Metrics::new(),
         Arc::clone(&opened.log),
         next,
     );
-    let (failing, _) = watch::channel(None);
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(super::persist::write_log(
-        Arc::clone(&hub),
-        writer,
-        failing,
-        stop.clone(),
-    ));
+    let (stop, writer) = spawn_writer(&hub, writer);
     let stalled_connection = CancellationToken::new();
     let mut stalled = hub
         .subscribe_with(SubscribeOptions {
@@ -400,16 +420,7 @@ async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
         !reader_connection.is_cancelled(),
         "the log reader keeps its connection"
     );
-    let end = hub.next_sequence();
-    for _ in 0..10_000 {
-        if got.last().is_some_and(|last| last + 1 >= end) {
-            break;
-        }
-        let (missed, more) = sequences(next_delivery(&mut reader).await);
-        assert_eq!(missed, 0);
-        got.extend(more);
-    }
-    assert_eq!(got, (1..end).collect::<Vec<_>>());
+    read_to_the_end(&mut reader, got, hub.next_sequence()).await;
     drop(held);
     stop.cancel();
     writer.await.expect("writer ends");
@@ -470,6 +481,35 @@ fn open_log(dir: &std::path::Path) -> crate::log::Opened {
     crate::log::Log::open(log_options(dir), Metrics::new()).expect("log opens")
 }
 
+/// The hub's log writer task; cancel the token and await the handle to stop it.
+fn spawn_writer(
+    hub: &Arc<Hub>,
+    writer: crate::log::LogWriter,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let (stop, handle, _) = spawn_writer_watching(hub, writer);
+    (stop, handle)
+}
+
+/// `spawn_writer`, also returning why writes fail while they do.
+fn spawn_writer_watching(
+    hub: &Arc<Hub>,
+    writer: crate::log::LogWriter,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<Option<String>>,
+) {
+    let (failing, failing_rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(super::persist::write_log(
+        Arc::clone(hub),
+        writer,
+        failing,
+        stop.clone(),
+    ));
+    (stop, handle, failing_rx)
+}
+
 /// Producers may publish before the log writer task first runs (it is
 /// spawned, and the listeners accept at once): it must write from the log's
 /// end, not from wherever the hub has got to, or those packets are
@@ -479,13 +519,7 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let opened = open_log(dir.path());
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 1 << 20,
-            memory_limit: 64 << 20,
-            policy: SlowSubscriberPolicy::CatchUp,
-            block_timeout: Duration::from_millis(200),
-            max_delivery_bytes: 1 << 20,
-        },
+        hub_config(SlowSubscriberPolicy::CatchUp, 1 << 20, 64 << 20, 1 << 20),
         Metrics::new(),
         Arc::clone(&opened.log),
         opened.next_sequence,
@@ -495,14 +529,7 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
     }
     let end = hub.next_sequence();
     assert_eq!(end, 1 + 5 * 37);
-    let (failing, _) = watch::channel(None);
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(super::persist::write_log(
-        Arc::clone(&hub),
-        opened.writer,
-        failing,
-        stop.clone(),
-    ));
+    let (stop, writer) = spawn_writer(&hub, opened.writer);
     let mut durable = hub.durable();
     tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|at| *at >= end))
         .await
@@ -535,27 +562,14 @@ async fn a_failed_sync_keeps_what_earlier_writes_stored() {
         .failing_syncs
         .store(1, std::sync::atomic::Ordering::Release);
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 1 << 20,
-            memory_limit: 64 << 20,
-            policy: SlowSubscriberPolicy::CatchUp,
-            block_timeout: Duration::from_millis(200),
-            max_delivery_bytes: 1 << 20,
-        },
+        hub_config(SlowSubscriberPolicy::CatchUp, 1 << 20, 64 << 20, 1 << 20),
         Metrics::new(),
         Arc::clone(&opened.log),
         opened.next_sequence,
     );
     // Written at once; its sync is due only 200 ms later, alone, and fails.
     hub.publish(batch(&[1; 10], 100)).await;
-    let (failing, mut failing_rx) = watch::channel(None);
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(super::persist::write_log(
-        Arc::clone(&hub),
-        opened.writer,
-        failing,
-        stop.clone(),
-    ));
+    let (stop, writer, mut failing_rx) = spawn_writer_watching(&hub, opened.writer);
     let within = Duration::from_secs(10);
     tokio::time::timeout(within, failing_rx.wait_for(Option::is_some))
         .await
@@ -594,25 +608,12 @@ async fn a_failed_fsync_writes_everything_since_the_last_good_one_again() {
     let opened = crate::log::Log::open(options, Arc::clone(&metrics)).expect("log opens");
     let failing_syncs = Arc::clone(&opened.writer.failing_syncs);
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 1 << 20,
-            memory_limit: 8 << 10,
-            policy: SlowSubscriberPolicy::CatchUp,
-            block_timeout: Duration::from_millis(200),
-            max_delivery_bytes: 1 << 20,
-        },
+        hub_config(SlowSubscriberPolicy::CatchUp, 1 << 20, 8 << 10, 1 << 20),
         Arc::clone(&metrics),
         Arc::clone(&opened.log),
         opened.next_sequence,
     );
-    let (failing, _) = watch::channel(None);
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(super::persist::write_log(
-        Arc::clone(&hub),
-        opened.writer,
-        failing,
-        stop.clone(),
-    ));
+    let (stop, writer) = spawn_writer(&hub, opened.writer);
     let within = Duration::from_secs(10);
     for round in 0..80 {
         if round == 40 {
@@ -673,14 +674,7 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
         Arc::clone(&opened.log),
         opened.next_sequence,
     );
-    let (failing, _) = watch::channel(None);
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(super::persist::write_log(
-        Arc::clone(&hub),
-        opened.writer,
-        failing,
-        stop.clone(),
-    ));
+    let (stop, writer) = spawn_writer(&hub, opened.writer);
     let within = Duration::from_secs(10);
     for _ in 0..20 {
         tokio::time::timeout(within, hub.publish(batch(&[1; 16], 100)))
@@ -701,17 +695,7 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
             .await
             .expect("producers do not wait for the replaying subscriber");
     }
-    let end = hub.next_sequence();
-    let mut got = Vec::new();
-    for _ in 0..10_000 {
-        if got.last().is_some_and(|last| last + 1 >= end) {
-            break;
-        }
-        let (missed, sequences) = sequences(next_delivery(&mut replaying).await);
-        assert_eq!(missed, 0);
-        got.extend(sequences);
-    }
-    assert_eq!(got, (1..end).collect::<Vec<_>>());
+    read_to_the_end(&mut replaying, Vec::new(), hub.next_sequence()).await;
     stop.cancel();
     writer.await.expect("writer ends");
 }
@@ -730,13 +714,7 @@ async fn catch_up_reads_share_half_the_memory_limit() {
     }
     let memory = 1 << 20;
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 16,
-            memory_limit: memory,
-            policy: SlowSubscriberPolicy::CatchUp,
-            block_timeout: Duration::from_millis(200),
-            max_delivery_bytes: 64 << 10,
-        },
+        hub_config(SlowSubscriberPolicy::CatchUp, 16, memory, 64 << 10),
         Metrics::new(),
         opened.log,
         next,
