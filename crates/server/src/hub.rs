@@ -220,17 +220,24 @@ impl Ring {
     }
 
     /// Cursor of the slowest subscriber that still counts in block mode.
-    /// Subscribers replaying from the log (behind the ring) do not: they
-    /// read from disk, and holding producers for them would stop ingest for
-    /// as long as any client takes to replay.
+    /// With a log, subscribers replaying from it (behind the ring) do not:
+    /// they read from disk, and holding producers for them would stop ingest
+    /// for as long as any client takes to replay. (Without a log nobody is
+    /// behind the ring but across a gap in the numbering, cluster mode's
+    /// deleted messages, and that subscriber still counts.)
     fn slowest_live_cursor(&self) -> Option<u64> {
-        let oldest = self.oldest_sequence();
+        let behind_from = self.replays_from_log().then(|| self.oldest_sequence());
         self.slots
             .iter()
             .filter(|slot| !slot.kicked.load(Ordering::Relaxed))
             .map(|slot| slot.cursor.load(Ordering::Acquire))
-            .filter(|cursor| *cursor >= oldest)
+            .filter(|cursor| behind_from.is_none_or(|oldest| *cursor >= oldest))
             .min()
+    }
+
+    /// There is a log: subscribers behind the ring read from it.
+    fn replays_from_log(&self) -> bool {
+        self.writer.is_some()
     }
 
     fn evicted_matching(&self, filter: &ChannelFilter) -> u64 {
@@ -571,8 +578,12 @@ impl Hub {
     }
 
     fn kick_stuck(&self, ring: &Ring, stuck_at: u64) {
+        // Subscribers replaying from the log are not what holds producers.
+        let behind_from = ring.replays_from_log().then(|| ring.oldest_sequence());
         for slot in &ring.slots {
-            if slot.cursor.load(Ordering::Acquire) <= stuck_at
+            let cursor = slot.cursor.load(Ordering::Acquire);
+            if cursor <= stuck_at
+                && behind_from.is_none_or(|oldest| cursor >= oldest)
                 && slot.end(SubscriptionEnd::Stuck(self.config.block_timeout))
             {
                 tracing::warn!(

@@ -106,13 +106,22 @@ pub async fn write_log(
                 }
                 Err(_) => {}
                 Ok((end, _)) if sync_due || policy == FsyncPolicy::Always => {
-                    outcome = owned.sync().map(|()| (end, true)).map_err(|error| {
-                        // Everything since the last good fsync is written again.
-                        let from = owned.rewind_to_synced();
-                        RoundError::Sync { error, from }
-                    });
+                    outcome = owned
+                        .sync()
+                        .map(|()| (end, true))
+                        .map_err(RoundError::Write);
                 }
                 Ok(_) => {}
+            }
+            // An fsync failed (this round's, or the one a segment roll does):
+            // everything since the last good one is written again. Not with
+            // `--fsync never`: nothing waits for fsyncs there, so the ring
+            // does not keep what they cover.
+            if owned.take_sync_failed() && policy != FsyncPolicy::Never {
+                if let Err(RoundError::Write(error)) = outcome {
+                    let from = owned.rewind_to_synced();
+                    outcome = Err(RoundError::Sync { error, from });
+                }
             }
             if retention_due {
                 owned.apply_retention();

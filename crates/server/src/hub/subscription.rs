@@ -108,7 +108,7 @@ impl Subscription {
                 {
                     return Take::Disk;
                 }
-                if self.cursor >= oldest && !self.disk.is_empty() {
+                if self.cursor >= oldest && (!self.disk.is_empty() || self.disk_held > 0) {
                     // Back on the ring: what was read ahead is not needed.
                     self.disk.clear();
                     // Field by field: `ring` borrows the hub.

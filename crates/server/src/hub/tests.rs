@@ -405,7 +405,7 @@ async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
             ..SubscribeOptions::default()
         })
         .expect("subscribe");
-    let mut got = sequences(next_delivery(&mut reader).await).1;
+    let got = sequences(next_delivery(&mut reader).await).1;
     hub.publish(batch(&[1, 1], 20_000)).await;
     let held = next_delivery(&mut stalled).await;
     // 40 KB stays pinned by `held` once the ring moves past it.
@@ -547,11 +547,12 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
     assert_eq!(firsts, vec![1, 38, 75, 112, 149]);
 }
 
-/// A failed fsync in a round that wrote nothing must not undo what earlier
-/// rounds wrote (readers have it): it only retries the sync. Undoing it
-/// acknowledged packets no longer on disk, then refused every later write.
+/// A failed fsync in a round that wrote nothing covers what earlier rounds
+/// wrote: that is cut back and written again from the ring (it was once
+/// undone with nothing written again: packets were acknowledged that were no
+/// longer on disk, then every later write was refused).
 #[tokio::test]
-async fn a_failed_sync_keeps_what_earlier_writes_stored() {
+async fn a_failed_sync_with_nothing_new_to_write_rewrites_what_it_covered() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut options = log_options(dir.path());
     options.fsync = crate::log::FsyncPolicy::Interval;
@@ -596,11 +597,25 @@ async fn a_failed_sync_keeps_what_earlier_writes_stored() {
 /// later fsync that succeeds would not say so: everything since the last good
 /// fsync is written again, from the ring, which keeps batches until they are
 /// durable (with a ring far smaller than what is published: publishers ask
-/// for early fsyncs instead of the ring dropping unsynced batches).
+/// for early fsyncs instead of the ring dropping unsynced batches). The
+/// injected failure zeroes what it should have written, as lost pages would
+/// read back: a plain retry would leave them so.
 #[tokio::test]
 async fn a_failed_fsync_writes_everything_since_the_last_good_one_again() {
+    fsync_failure_is_written_again(64 << 20, 8 << 10).await;
+}
+
+/// The same with a segment roll every few batches and a ring 16 times a
+/// segment: the failing fsync is then mostly the one that closes a segment.
+#[tokio::test]
+async fn a_failed_fsync_closing_a_segment_writes_everything_since_again() {
+    fsync_failure_is_written_again(4 << 10, 64 << 10).await;
+}
+
+async fn fsync_failure_is_written_again(segment_bytes: u64, memory_limit: usize) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut options = log_options(dir.path());
+    options.segment_bytes = segment_bytes;
     options.fsync = crate::log::FsyncPolicy::Interval;
     // Only early fsyncs (asked for by held publishers) and the final one.
     options.fsync_interval = Duration::from_secs(3600);
@@ -608,7 +623,12 @@ async fn a_failed_fsync_writes_everything_since_the_last_good_one_again() {
     let opened = crate::log::Log::open(options, Arc::clone(&metrics)).expect("log opens");
     let failing_syncs = Arc::clone(&opened.writer.failing_syncs);
     let hub = Hub::with_log(
-        hub_config(SlowSubscriberPolicy::CatchUp, 1 << 20, 8 << 10, 1 << 20),
+        hub_config(
+            SlowSubscriberPolicy::CatchUp,
+            1 << 20,
+            memory_limit,
+            1 << 20,
+        ),
         Arc::clone(&metrics),
         Arc::clone(&opened.log),
         opened.next_sequence,
@@ -663,13 +683,7 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
     let dir = tempfile::tempdir().expect("temporary directory");
     let opened = open_log(dir.path());
     let hub = Hub::with_log(
-        HubConfig {
-            retain_packets: 64,
-            memory_limit: 1 << 20,
-            policy: SlowSubscriberPolicy::Block,
-            block_timeout: Duration::from_secs(30),
-            max_delivery_bytes: 64 << 10,
-        },
+        hub_config(SlowSubscriberPolicy::Block, 64, 1 << 20, 64 << 10),
         Metrics::new(),
         Arc::clone(&opened.log),
         opened.next_sequence,
@@ -690,11 +704,20 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
     let mut replaying = hub
         .subscribe(ChannelFilter::default(), Some(1))
         .expect("subscribes");
+    // A live subscriber that never reads: producers wait for it, then it is
+    // cut after the block timeout; the replaying one is not.
+    let mut stuck = hub
+        .subscribe(ChannelFilter::default(), None)
+        .expect("subscribes");
     for _ in 0..200 {
         tokio::time::timeout(within, hub.publish(batch(&[1; 16], 100)))
             .await
             .expect("producers do not wait for the replaying subscriber");
     }
+    assert!(matches!(
+        stuck.next(Duration::from_secs(1)).await,
+        Next::End(SubscriptionEnd::Stuck(_))
+    ));
     read_to_the_end(&mut replaying, Vec::new(), hub.next_sequence()).await;
     stop.cancel();
     writer.await.expect("writer ends");

@@ -268,6 +268,7 @@ impl Log {
             log: Arc::clone(&log),
             undo: (writer_segment.len, writer_segment.end_sequence),
             synced: (writer_segment.len, writer_segment.end_sequence),
+            sync_failed: false,
             active: writer_segment,
             #[cfg(test)]
             failing_syncs: Arc::default(),
@@ -561,6 +562,9 @@ pub struct LogWriter {
     /// Where the active segment was when an fsync last succeeded (len, end
     /// sequence): what `rewind_to_synced` returns to.
     synced: (u64, u64),
+    /// An fsync failed since `take_sync_failed` was last asked (in `sync`,
+    /// or in the one a segment roll does).
+    sync_failed: bool,
     /// Tests: how many of the next syncs fail (as fsync can, with EIO).
     #[cfg(test)]
     pub failing_syncs: Arc<std::sync::atomic::AtomicU32>,
@@ -643,11 +647,24 @@ impl LogWriter {
             )
             .is_ok()
         {
+            // As Linux may do: the pages of the failed writeback are lost.
+            self.active.flush()?;
+            self.active.lose_bytes_after(self.synced.0)?;
+            self.sync_failed = true;
             return Err(std::io::Error::other("injected fsync failure"));
         }
-        self.active.sync()?;
+        if let Err(error) = self.active.sync() {
+            self.sync_failed = true;
+            return Err(error);
+        }
         self.synced = (self.active.len, self.active.end_sequence);
         Ok(())
+    }
+
+    /// Whether an fsync failed since the last call: then what was written
+    /// since the last good one must be written again (`rewind_to_synced`).
+    pub fn take_sync_failed(&mut self) -> bool {
+        std::mem::take(&mut self.sync_failed)
     }
 
     /// Undoes the last `write` (it or the sync right after it failed): its

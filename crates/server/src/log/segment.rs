@@ -302,6 +302,19 @@ impl SegmentWriter {
     }
 }
 
+#[cfg(test)]
+impl SegmentWriter {
+    /// Tests: zeroes what was written after `len`, as a failed writeback
+    /// that lost its pages would leave it.
+    pub fn lose_bytes_after(&mut self, len: u64) -> std::io::Result<()> {
+        if self.written > len {
+            let zeros = vec![0u8; (self.written - len) as usize];
+            self.log.write_all_at(&zeros, len)?;
+        }
+        Ok(())
+    }
+}
+
 fn encode_entries(entries: &[(u64, u64)]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN);
     for (sequence, offset) in entries {
