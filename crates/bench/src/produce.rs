@@ -26,7 +26,7 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel as Grpc
 
 use super::{nats::RawNats, BenchArgs, Content, NatsClient, Plan, Shared, Target, Via};
 use packet_ingest_protocol::{
-    client::{grpc_channel, make_frame, tls_connector, BearerToken, ToolError},
+    client::{grpc_channel, grpc_endpoint, make_frame, tls_connector, BearerToken, ToolError},
     frame::{signed_header, Channel, HEADER_LEN, SIGNED_HEADER_LEN},
     pb::{packets_client::PacketsClient, PublishRequest},
 };
@@ -154,10 +154,23 @@ fn publish_request(
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 type Publisher = PacketsClient<InterceptedService<GrpcChannel, BearerToken>>;
 
+/// A Publish producer's HTTP/2 channel, for requests built by hand.
+pub(crate) struct RawPublish {
+    channel: GrpcChannel,
+    /// `scheme://authority/packetingest.v1.Packets/Publish`
+    uri: http::Uri,
+    authorization: Option<http::HeaderValue>,
+}
+
 /// A producer's connection, opened before any subscriber starts.
 pub(crate) enum Connected {
-    Tcp { writer: Writer, local: SocketAddr },
-    Publish(Box<Publisher>),
+    Tcp {
+        writer: Writer,
+        local: SocketAddr,
+    },
+    /// The tonic client, and (uncompressed runs) the channel for pre-built
+    /// request bodies.
+    Publish(Box<Publisher>, Option<Box<RawPublish>>),
     Nats(async_nats::Client),
     RawNats(RawNats),
     Jetstream(async_nats::jetstream::Context),
@@ -169,7 +182,7 @@ impl Connected {
     pub fn source(&self) -> Vec<u8> {
         match self {
             Connected::Tcp { local, .. } => format!("tcp/{local}").into_bytes(),
-            Connected::Publish(_)
+            Connected::Publish(..)
             | Connected::Nats(_)
             | Connected::RawNats(_)
             | Connected::Jetstream(_) => Vec::new(),
@@ -235,6 +248,22 @@ async fn connect(plan: &Plan, args: &BenchArgs) -> Result<Connected, ToolError> 
             let channel = grpc_channel(&args.grpc_addr, &args.tls)
                 .await
                 .map_err(|error| format!("cannot connect to {}: {error}", args.grpc_addr))?;
+            let origin = grpc_endpoint(&args.grpc_addr, &args.tls)?.uri().clone();
+            let raw = RawPublish {
+                channel: channel.clone(),
+                uri: format!(
+                    "{}/packetingest.v1.Packets/Publish",
+                    origin.to_string().trim_end_matches('/')
+                )
+                .parse()
+                .map_err(|error| format!("cannot build the Publish URI: {error}"))?,
+                authorization: args
+                    .token
+                    .as_deref()
+                    .map(|token| http::HeaderValue::from_str(&format!("Bearer {token}")))
+                    .transpose()
+                    .map_err(|error| format!("--token: {error}"))?,
+            };
             let mut client =
                 PacketsClient::with_interceptor(channel, BearerToken::new(args.token.as_deref())?)
                     .max_encoding_message_size(usize::MAX)
@@ -242,7 +271,8 @@ async fn connect(plan: &Plan, args: &BenchArgs) -> Result<Connected, ToolError> 
             if let Some(encoding) = args.compression.encoding() {
                 client = client.send_compressed(encoding);
             }
-            Ok(Connected::Publish(Box::new(client)))
+            let raw = args.compression.encoding().is_none().then(|| Box::new(raw));
+            Ok(Connected::Publish(Box::new(client), raw))
         }
     }
 }
@@ -316,7 +346,10 @@ pub(crate) async fn produce(
         Connected::Tcp { writer, .. } => {
             tcp_producer(index, writer, &plan, &shared, limit, pacer).await?
         }
-        Connected::Publish(client) => {
+        Connected::Publish(_, Some(raw)) if pacer.is_none() => {
+            publish_prebuilt(index, *raw, &plan, &shared, limit).await?
+        }
+        Connected::Publish(client, _) => {
             publish_producer(index, *client, &plan, &shared, limit, pacer).await?
         }
         Connected::Nats(client) => {
@@ -435,6 +468,86 @@ async fn publish_producer(
         }
     }
     .into_inner();
+    Ok(ProducerReport {
+        sent: shared.sent[index].load(Ordering::Relaxed),
+        accepted: Some(response.accepted),
+        rejected: response.rejected,
+        ..ProducerReport::default()
+    })
+}
+
+/// An unpaced, uncompressed Publish: the request body is one pre-built
+/// block of gRPC-framed `PublishRequest`s (exactly what tonic would send)
+/// written over and over, as the TCP producer writes a pre-built block of
+/// frames. Encoding each message (a copy of every payload into tonic's
+/// buffer, one core at most per stream) otherwise made the client, not the
+/// server, the limit of `--via publish`.
+async fn publish_prebuilt(
+    index: usize,
+    raw: RawPublish,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    limit: Limit,
+) -> Result<ProducerReport, ToolError> {
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+    let frames = block_frames(plan.size, plan.count);
+    let mut block = BytesMut::new();
+    let mut ends = Vec::with_capacity(frames as usize);
+    for position in 0..frames {
+        let message =
+            publish_request(index as u32, plan.size, plan.content, 0, position).encode_to_vec();
+        block.put_u8(0); // not compressed
+        block.put_u32(u32::try_from(message.len())?);
+        block.put_slice(&message);
+        ends.push(block.len());
+    }
+    let block = block.freeze();
+    let counter = Arc::clone(shared);
+    let chunks = stream::unfold(0u64, move |sent| {
+        let taken = match limit.allows(sent) {
+            true => limit.remaining(sent).min(frames),
+            false => 0,
+        };
+        let chunk = (taken > 0).then(|| block.slice(..ends[taken as usize - 1]));
+        counter.sent[index].store(sent + taken, Ordering::Relaxed);
+        future::ready(chunk.map(|chunk| {
+            (
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)),
+                sent + taken,
+            )
+        }))
+    });
+    let mut request = http::Request::post(raw.uri)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    if let Some(authorization) = raw.authorization {
+        request = request.header(http::header::AUTHORIZATION, authorization);
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            chunks,
+        )))
+        .map_err(|error| format!("cannot build the Publish request: {error}"))?;
+    let mut channel = raw.channel;
+    let response =
+        tower::Service::call(tower::ServiceExt::ready(&mut channel).await?, request).await?;
+    let (parts, body) = response.into_parts();
+    let collected = body
+        .collect()
+        .await
+        .map_err(|error| format!("Publish response: {error}"))?;
+    // grpc-status in the trailers, or in the headers of a trailers-only answer.
+    let trailers = collected.trailers().cloned().unwrap_or(parts.headers);
+    let status = tonic::Status::from_header_map(&trailers)
+        .unwrap_or_else(|| tonic::Status::unknown("Publish answered without grpc-status"));
+    if status.code() != tonic::Code::Ok {
+        return Err(status.into());
+    }
+    let data = collected.to_bytes();
+    let response =
+        packet_ingest_protocol::pb::PublishResponse::decode(data.get(5..).unwrap_or(&[]))
+            .map_err(|error| format!("Publish response: {error}"))?;
     Ok(ProducerReport {
         sent: shared.sent[index].load(Ordering::Relaxed),
         accepted: Some(response.accepted),
