@@ -74,6 +74,31 @@ async fn next_delivery(subscription: &mut Subscription) -> Delivery {
     }
 }
 
+/// Waits (10 s at most) until everything below `end` is durable.
+async fn wait_durable(hub: &Hub, end: u64) {
+    let mut durable = hub.durable();
+    tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|at| *at >= end))
+        .await
+        .expect("made durable in time")
+        .expect("hub alive");
+}
+
+/// A subscription whose connection the hub may close (the token says so).
+fn subscribe_closable(
+    hub: &Arc<Hub>,
+    from_sequence: Option<u64>,
+) -> (Subscription, CancellationToken) {
+    let connection = CancellationToken::new();
+    let subscription = hub
+        .subscribe_with(SubscribeOptions {
+            from_sequence,
+            close_connection: Some(connection.clone()),
+            ..SubscribeOptions::default()
+        })
+        .expect("subscribe");
+    (subscription, connection)
+}
+
 /// Reads on until `end`: every sequence from the first in `got`, nothing missed.
 async fn read_to_the_end(subscription: &mut Subscription, mut got: Vec<u64>, end: u64) {
     for _ in 0..10_000 {
@@ -336,13 +361,7 @@ async fn a_delivery_held_after_eviction_stays_charged_until_released() {
 #[tokio::test]
 async fn pinned_memory_over_half_the_limit_closes_the_laggards_connection() {
     let hub = hub(SlowSubscriberPolicy::Gap, 1_000_000, 64 * 1024);
-    let connection = CancellationToken::new();
-    let mut stalled = hub
-        .subscribe_with(SubscribeOptions {
-            close_connection: Some(connection.clone()),
-            ..SubscribeOptions::default()
-        })
-        .expect("subscribe");
+    let (mut stalled, connection) = subscribe_closable(&hub, None);
     let mut healthy = hub
         .subscribe(ChannelFilter::default(), None)
         .expect("subscribe");
@@ -372,12 +391,7 @@ async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
     let opened = open_log(dir.path());
     let mut writer = opened.writer;
     // History only on disk: 64 batches of 4 packets of 1 KiB.
-    let mut next = 1;
-    for _ in 0..64 {
-        let stamped = Arc::new(batch(&[1; 4], 1_000).stamp(next));
-        next = stamped.end_sequence();
-        writer.write(&[stamped]).expect("log write");
-    }
+    let next = write_history(&mut writer, 64, 4, 1_000);
     let hub = Hub::with_log(
         hub_config(
             SlowSubscriberPolicy::CatchUp,
@@ -390,21 +404,8 @@ async fn a_subscriber_reading_the_log_is_not_closed_for_ring_memory() {
         next,
     );
     let (stop, writer) = spawn_writer(&hub, writer);
-    let stalled_connection = CancellationToken::new();
-    let mut stalled = hub
-        .subscribe_with(SubscribeOptions {
-            close_connection: Some(stalled_connection.clone()),
-            ..SubscribeOptions::default()
-        })
-        .expect("subscribe");
-    let reader_connection = CancellationToken::new();
-    let mut reader = hub
-        .subscribe_with(SubscribeOptions {
-            from_sequence: Some(1),
-            close_connection: Some(reader_connection.clone()),
-            ..SubscribeOptions::default()
-        })
-        .expect("subscribe");
+    let (mut stalled, stalled_connection) = subscribe_closable(&hub, None);
+    let (mut reader, reader_connection) = subscribe_closable(&hub, Some(1));
     let got = sequences(next_delivery(&mut reader).await).1;
     hub.publish(batch(&[1, 1], 20_000)).await;
     let held = next_delivery(&mut stalled).await;
@@ -481,6 +482,23 @@ fn open_log(dir: &std::path::Path) -> crate::log::Opened {
     crate::log::Log::open(log_options(dir), Metrics::new()).expect("log opens")
 }
 
+/// Writes `batches` batches of `packets` packets of `size` bytes straight to
+/// the log, from its end; returns the sequence after them.
+fn write_history(
+    writer: &mut crate::log::LogWriter,
+    batches: usize,
+    packets: usize,
+    size: usize,
+) -> u64 {
+    let mut next = writer.end_sequence();
+    for _ in 0..batches {
+        let stamped = Arc::new(batch(&vec![1; packets], size).stamp(next));
+        next = stamped.end_sequence();
+        writer.write(&[stamped]).expect("log write");
+    }
+    next
+}
+
 /// The hub's log writer task; cancel the token and await the handle to stop it.
 fn spawn_writer(
     hub: &Arc<Hub>,
@@ -530,11 +548,7 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
     let end = hub.next_sequence();
     assert_eq!(end, 1 + 5 * 37);
     let (stop, writer) = spawn_writer(&hub, opened.writer);
-    let mut durable = hub.durable();
-    tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|at| *at >= end))
-        .await
-        .expect("made durable in time")
-        .expect("hub alive");
+    wait_durable(&hub, end).await;
     stop.cancel();
     writer.await.expect("writer ends");
     let read = opened.log.read(1, 1 << 20).expect("log reads");
@@ -577,11 +591,7 @@ async fn a_failed_sync_with_nothing_new_to_write_rewrites_what_it_covered() {
         .expect("the sync failed in time")
         .expect("writer alive");
     hub.publish(batch(&[1; 10], 100)).await;
-    let mut durable = hub.durable();
-    tokio::time::timeout(within, durable.wait_for(|at| *at >= 21))
-        .await
-        .expect("made durable in time")
-        .expect("hub alive");
+    wait_durable(&hub, 21).await;
     stop.cancel();
     writer.await.expect("writer ends");
     let read = opened.log.read(1, 1 << 20).expect("log reads");
@@ -695,11 +705,7 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
             .await
             .expect("published");
     }
-    let mut durable = hub.durable();
-    tokio::time::timeout(within, durable.wait_for(|at| *at > 320))
-        .await
-        .expect("written in time")
-        .expect("hub alive");
+    wait_durable(&hub, 320 + 1).await;
     // Replays from 1 (the ring keeps 64 packets) and does not read yet.
     let mut replaying = hub
         .subscribe(ChannelFilter::default(), Some(1))
@@ -729,12 +735,7 @@ async fn catch_up_reads_share_half_the_memory_limit() {
     let opened = open_log(dir.path());
     let mut writer = opened.writer;
     // 8 MiB of log: 64 batches of 16 packets of 8 KiB.
-    let mut next = 1;
-    for _ in 0..64 {
-        let stamped = Arc::new(batch(&[1; 16], 8 << 10).stamp(next));
-        next = stamped.end_sequence();
-        writer.write(&[stamped]).expect("log write");
-    }
+    let next = write_history(&mut writer, 64, 16, 8 << 10);
     let memory = 1 << 20;
     let hub = Hub::with_log(
         hub_config(SlowSubscriberPolicy::CatchUp, 16, memory, 64 << 10),
