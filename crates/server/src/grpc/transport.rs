@@ -13,6 +13,14 @@
 //! `TcpConnectInfo`, so `Request::remote_addr` works) and the connection's
 //! `Activity`, through which a call keeps the connection from being evicted
 //! and through which the hub can close it.
+//!
+//! A connection that ends closes *lingering*: the socket's write side is
+//! shut, and what the client still sends (HTTP/2 window updates for the last
+//! response, pings) is read and dropped for a moment before the socket is
+//! closed. Closing with unread bytes makes the kernel answer with a reset,
+//! and a reset makes the client drop what it had received but not yet read:
+//! the end of the last stream (at shutdown, the last packets and the
+//! `UNAVAILABLE` status).
 
 use std::{
     future::Future,
@@ -161,8 +169,11 @@ impl Connection {
             },
         };
         let timed_out = Arc::new(AtomicBool::new(false));
+        // The socket comes back here when hyper lets go of it, to close lingering.
+        let (give_back, mut given_back) = tokio::sync::oneshot::channel();
         let io = PrefaceDeadline {
-            inner: io,
+            inner: Some(io),
+            give_back: Some(give_back),
             deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             received: 0,
             timed_out: Arc::clone(&timed_out),
@@ -208,24 +219,42 @@ impl Connection {
                 }))
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(connection);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                served = connection.as_mut() => {
-                    if let Err(error) = served {
-                        tracing::debug!(%error, "gRPC connection ended with an error");
+        // Not after an eviction or the grace deadline: those close at once.
+        let mut linger_after = true;
+        {
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    served = connection.as_mut() => {
+                        if let Err(error) = served {
+                            tracing::debug!(%error, "gRPC connection ended with an error");
+                        }
+                        break;
                     }
-                    break;
+                    _ = stop.cancelled(), if !draining => {
+                        connection.as_mut().graceful_shutdown();
+                        draining = true;
+                    }
+                    // Evicted at the cap, or its stalled streams hold memory.
+                    _ = self.activity.closed() => {
+                        linger_after = false;
+                        break;
+                    }
+                    _ = abort.cancelled() => {
+                        linger_after = false;
+                        break;
+                    }
                 }
-                _ = stop.cancelled(), if !draining => {
-                    connection.as_mut().graceful_shutdown();
-                    draining = true;
-                }
-                // Evicted at the cap, or its stalled streams hold memory.
-                _ = self.activity.closed() => break,
-                _ = abort.cancelled() => break,
+            }
+        }
+        if let (true, Ok(io)) = (linger_after, given_back.try_recv()) {
+            // Still holding its slot; a newcomer at the cap may evict it.
+            tokio::select! {
+                _ = linger(io) => {}
+                _ = self.activity.closed() => {}
+                _ = abort.cancelled() => {}
             }
         }
         if timed_out.load(Ordering::Relaxed) {
@@ -242,12 +271,55 @@ impl Connection {
     }
 }
 
-/// Fails reads once the deadline passes without the client's HTTP/2 preface.
+/// Fails reads once the deadline passes without the client's HTTP/2
+/// preface; gives the socket back when dropped, to close lingering (see the
+/// module's doc).
 struct PrefaceDeadline {
-    inner: Box<dyn Io>,
+    /// `None` only once dropped.
+    inner: Option<Box<dyn Io>>,
+    give_back: Option<tokio::sync::oneshot::Sender<Box<dyn Io>>>,
     deadline: Option<Pin<Box<Sleep>>>,
     received: usize,
     timed_out: Arc<AtomicBool>,
+}
+
+/// How long a closing connection's late bytes are read and dropped.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl PrefaceDeadline {
+    fn io(&mut self) -> Pin<&mut Box<dyn Io>> {
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io),
+            None => unreachable!("the connection is only taken when dropped"),
+        }
+    }
+}
+
+impl Drop for PrefaceDeadline {
+    fn drop(&mut self) {
+        if let (Some(io), Some(give_back)) = (self.inner.take(), self.give_back.take()) {
+            // Nobody to take it (the connection task is gone): it just closes.
+            let _ = give_back.send(io);
+        }
+    }
+}
+
+/// Shuts the write side, then reads and drops what still arrives, until the
+/// client closes or `LINGER` passes; then the socket is closed.
+async fn linger(mut io: Box<dyn Io>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(LINGER, async {
+        if io.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while let Ok(read) = io.read(&mut sink).await {
+            if read == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl AsyncRead for PrefaceDeadline {
@@ -266,7 +338,7 @@ impl AsyncRead for PrefaceDeadline {
             }
         }
         let before = buf.filled().len();
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = self.io().poll_read(cx, buf);
         if read.is_ready() {
             self.received += buf.filled().len() - before;
             if self.received >= PREFACE_LEN {
@@ -283,7 +355,7 @@ impl AsyncWrite for PrefaceDeadline {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -291,19 +363,19 @@ impl AsyncWrite for PrefaceDeadline {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.io().poll_shutdown(cx)
     }
 }
 
