@@ -226,18 +226,18 @@ impl Ring {
     /// behind the ring but across a gap in the numbering, cluster mode's
     /// deleted messages, and that subscriber still counts.)
     fn slowest_live_cursor(&self) -> Option<u64> {
-        let behind_from = self.replays_from_log().then(|| self.oldest_sequence());
         self.slots
             .iter()
             .filter(|slot| !slot.kicked.load(Ordering::Relaxed))
             .map(|slot| slot.cursor.load(Ordering::Acquire))
-            .filter(|cursor| behind_from.is_none_or(|oldest| *cursor >= oldest))
+            .filter(|cursor| !self.replaying_from_log(*cursor))
             .min()
     }
 
-    /// There is a log: subscribers behind the ring read from it.
-    fn replays_from_log(&self) -> bool {
-        self.writer.is_some()
+    /// A subscriber at `cursor` is behind the ring and there is a log: it
+    /// reads from disk (block mode neither waits for it nor cuts it).
+    fn replaying_from_log(&self, cursor: u64) -> bool {
+        self.writer.is_some() && cursor < self.oldest_sequence()
     }
 
     fn evicted_matching(&self, filter: &ChannelFilter) -> u64 {
@@ -578,12 +578,11 @@ impl Hub {
     }
 
     fn kick_stuck(&self, ring: &Ring, stuck_at: u64) {
-        // Subscribers replaying from the log are not what holds producers.
-        let behind_from = ring.replays_from_log().then(|| ring.oldest_sequence());
         for slot in &ring.slots {
             let cursor = slot.cursor.load(Ordering::Acquire);
+            // Subscribers replaying from the log are not what holds producers.
             if cursor <= stuck_at
-                && behind_from.is_none_or(|oldest| cursor >= oldest)
+                && !ring.replaying_from_log(cursor)
                 && slot.end(SubscriptionEnd::Stuck(self.config.block_timeout))
             {
                 tracing::warn!(

@@ -672,7 +672,11 @@ impl LogWriter {
     /// once. Only after a `write`: what earlier writes appended is already
     /// readable and must stay.
     pub fn rollback(&mut self) -> std::io::Result<()> {
-        let (len, end_sequence) = self.undo;
+        self.cut_back_to(self.undo)
+    }
+
+    /// Cuts the active segment back to `(len, end sequence)` and tells readers.
+    fn cut_back_to(&mut self, (len, end_sequence): (u64, u64)) -> std::io::Result<()> {
         let result = self.active.truncate_to(len, end_sequence);
         self.publish_active();
         result
@@ -684,13 +688,11 @@ impl LogWriter {
     /// active segment, to be written again. Returns the sequence to write
     /// from (even if cutting the file fails, the next write lands there).
     pub fn rewind_to_synced(&mut self) -> u64 {
-        let (len, end_sequence) = self.synced;
-        if let Err(error) = self.active.truncate_to(len, end_sequence) {
+        if let Err(error) = self.cut_back_to(self.synced) {
             tracing::error!(%error, "cannot cut the log back to its last fsync");
         }
         self.undo = self.synced;
-        self.publish_active();
-        end_sequence
+        self.synced.1
     }
 
     /// Closes the active segment and starts the next at its end.
