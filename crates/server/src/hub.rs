@@ -844,6 +844,7 @@ impl Hub {
             replaying,
             disk: VecDeque::new(),
             disk_held: 0,
+            read_ahead: None,
             log_exhausted_at: None,
             pending_missed: missed,
             matched_before_cursor,

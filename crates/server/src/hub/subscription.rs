@@ -4,6 +4,11 @@
 //!
 //! A delivery is built from slices of the ring's batches (one per run of
 //! packets the filter takes), so nothing is copied per subscriber.
+//!
+//! Behind the ring (with `--data-dir`) it reads the log in large sequential
+//! reads on a blocking thread, and starts the next read as soon as the
+//! previous one is taken, so that sending one read overlaps reading the
+//! next (when the shared read allowance has room for both).
 
 use std::{
     collections::VecDeque,
@@ -14,7 +19,10 @@ use std::{
 use tokio::sync::watch;
 
 use super::{Hub, Next, Slot, SlowSubscriberPolicy, SubscriptionEnd};
-use crate::wire::{ChannelFilter, Delivery, SequencedBatch};
+use crate::{
+    log::LogRead,
+    wire::{ChannelFilter, Delivery, SequencedBatch},
+};
 
 /// One subscriber's cursor into the hub. Dropping it releases everything at once.
 pub struct Subscription {
@@ -28,6 +36,8 @@ pub struct Subscription {
     pub(super) disk: VecDeque<Arc<SequencedBatch>>,
     /// Bytes of `disk` charged to `Hub::disk_read_bytes`.
     pub(super) disk_held: usize,
+    /// The log read that continues `disk`, running while `disk` is sent.
+    pub(super) read_ahead: Option<ReadAhead>,
     /// A log read from this cursor found nothing and skipped nothing (only a
     /// damaged log does that): do not ask the log again for it.
     pub(super) log_exhausted_at: Option<u64>,
@@ -42,6 +52,15 @@ pub struct Subscription {
     pub(super) whole_batches: bool,
 }
 
+/// A log read started before it is needed.
+pub(super) struct ReadAhead {
+    /// The sequence it reads from: `disk`'s end when it started.
+    pub(super) from: u64,
+    /// Bytes of it charged to `Hub::disk_read_bytes`.
+    pub(super) held: usize,
+    read: tokio::task::JoinHandle<std::io::Result<LogRead>>,
+}
+
 enum Take {
     Ready(Delivery),
     Empty,
@@ -54,6 +73,8 @@ enum Take {
 const DISK_READ: usize = 4 << 20;
 /// The smallest read, however many subscribers are catching up.
 const MIN_DISK_READ: usize = 64 << 10;
+/// Reading ahead is optional: only while the allowance has this much room.
+const MIN_READ_AHEAD: usize = 256 << 10;
 
 impl Subscription {
     /// The next batch for this subscriber, or `Idle` if none came within
@@ -108,11 +129,17 @@ impl Subscription {
                 {
                     return Take::Disk;
                 }
-                if self.cursor >= oldest && (!self.disk.is_empty() || self.disk_held > 0) {
+                if self.cursor >= oldest
+                    && (!self.disk.is_empty() || self.disk_held > 0 || self.read_ahead.is_some())
+                {
                     // Back on the ring: what was read ahead is not needed.
                     self.disk.clear();
                     // Field by field: `ring` borrows the hub.
                     return_disk_read(&self.hub, &mut self.disk_held);
+                    if let Some(mut ahead) = self.read_ahead.take() {
+                        ahead.read.abort();
+                        return_disk_read(&self.hub, &mut ahead.held);
+                    }
                 }
                 if self.replaying && self.cursor >= oldest {
                     // Back from the log: count this filter's packets afresh.
@@ -184,8 +211,9 @@ impl Subscription {
         }
     }
 
-    /// The next delivery from the log (reading ahead when its buffer is
-    /// empty). `None` when the batches read held nothing for this filter.
+    /// The next delivery from the log (reading when its buffer is empty, and
+    /// reading ahead while it is sent). `None` when the batches read held
+    /// nothing for this filter.
     async fn take_from_disk(&mut self) -> Result<Option<Delivery>, SubscriptionEnd> {
         while self
             .disk
@@ -200,22 +228,29 @@ impl Subscription {
                 return Ok(None);
             };
             let from = self.cursor;
-            // Stalled catch-up streams keep what they read, and the memory
-            // ring does not see it: reads share half of --memory-limit, so
-            // many catch-up subscribers get smaller reads, not more memory.
-            // Reserved before reading, so concurrent readers cannot all
-            // take the same room.
-            let size = self.reserve_disk_read();
-            let read = tokio::task::spawn_blocking(move || log.read(from, size))
-                .await
-                .map_err(|_| SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other))
-                .and_then(|read| {
-                    read.map_err(|error| {
-                        tracing::error!(%error, from, "cannot read the log for a subscriber");
-                        SubscriptionEnd::LogUnreadable(error.kind())
+            let read = match self.read_ahead.take() {
+                Some(ahead) if ahead.from == from => {
+                    self.disk_held = ahead.held;
+                    ahead.read.await
+                }
+                stale => {
+                    if let Some(mut stale) = stale {
+                        return_disk_read(&self.hub, &mut stale.held);
+                    }
+                    // Stalled catch-up streams keep what they read, and the
+                    // memory ring does not see it: reads share half of
+                    // --memory-limit, so many catch-up subscribers get smaller
+                    // reads, not more memory. Reserved before reading, so
+                    // concurrent readers cannot all take the same room.
+                    let size = reserve_disk_read(&self.hub, |room| {
+                        Some(room.clamp(MIN_DISK_READ, DISK_READ))
                     })
-                });
-            let read = match read {
+                    .unwrap_or(MIN_DISK_READ);
+                    self.disk_held = size;
+                    tokio::task::spawn_blocking(move || log.read(from, size)).await
+                }
+            };
+            let read = match log_read_result(read, from) {
                 Ok(read) => read,
                 Err(end) => {
                     self.release_disk_read();
@@ -224,16 +259,7 @@ impl Subscription {
             };
             // The reservation becomes what was read.
             let held: usize = read.batches.iter().map(|batch| batch.body().len()).sum();
-            if held >= self.disk_held {
-                self.hub
-                    .disk_read_bytes
-                    .fetch_add(held - self.disk_held, Ordering::AcqRel);
-            } else {
-                self.hub
-                    .disk_read_bytes
-                    .fetch_sub(self.disk_held - held, Ordering::AcqRel);
-            }
-            self.disk_held = held;
+            settle_disk_read(&self.hub, &mut self.disk_held, held);
             if read.skipped > 0 {
                 self.pending_missed += read.skipped;
                 self.hub.metrics.packets_missed.inc_by(read.skipped);
@@ -250,6 +276,7 @@ impl Subscription {
             }
             self.disk.extend(read.batches.into_iter().map(Arc::new));
         }
+        self.start_read_ahead();
         let batches: Vec<Arc<SequencedBatch>> = self.disk.iter().cloned().collect();
         let delivery = self.collect(batches, self.hub.config.max_delivery_bytes);
         self.slot.cursor.store(self.cursor, Ordering::Release);
@@ -260,31 +287,45 @@ impl Subscription {
         Ok(delivery)
     }
 
-    /// Takes the size of the next log read from the shared allowance (half
-    /// of `--memory-limit`; at least `MIN_DISK_READ`, so nobody starves).
-    fn reserve_disk_read(&mut self) -> usize {
-        let room = self.hub.config.memory_limit / 2;
-        let mut in_use = self.hub.disk_read_bytes.load(Ordering::Acquire);
-        loop {
-            let size = room.saturating_sub(in_use).clamp(MIN_DISK_READ, DISK_READ);
-            match self.hub.disk_read_bytes.compare_exchange_weak(
-                in_use,
-                in_use + size,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.disk_held = size;
-                    return size;
-                }
-                Err(now) => in_use = now,
-            }
+    /// Starts reading what follows `disk` from the log, if it is not in the
+    /// ring (the ring takes over there) and the read allowance has room.
+    fn start_read_ahead(&mut self) {
+        if self.read_ahead.is_some() {
+            return;
         }
+        let (Some(log), Some(last)) = (self.hub.log.clone(), self.disk.back()) else {
+            return;
+        };
+        let from = last.end_sequence();
+        if from >= self.hub.lock().oldest_sequence() {
+            return;
+        }
+        // Optional: under memory pressure a reader reads only when it must.
+        let Some(size) = reserve_disk_read(&self.hub, |room| {
+            (room >= MIN_READ_AHEAD).then(|| room.min(DISK_READ))
+        }) else {
+            return;
+        };
+        let read = tokio::task::spawn_blocking(move || log.read(from, size));
+        self.read_ahead = Some(ReadAhead {
+            from,
+            held: size,
+            read,
+        });
     }
 
     /// Returns this subscriber's log read to the shared allowance.
     fn release_disk_read(&mut self) {
         return_disk_read(&self.hub, &mut self.disk_held);
+    }
+
+    /// Drops the read ahead (its thread finishes the read, unseen) and
+    /// returns its reservation.
+    fn cancel_read_ahead(&mut self) {
+        if let Some(mut ahead) = self.read_ahead.take() {
+            ahead.read.abort();
+            return_disk_read(&self.hub, &mut ahead.held);
+        }
     }
 
     /// Delivers whole batches one at a time where it can (for compressed
@@ -390,6 +431,52 @@ fn take_matching(
     (index, full)
 }
 
+/// Takes the size of a log read from the shared allowance (half of
+/// `--memory-limit`): `size` picks it from the room left, or declines.
+fn reserve_disk_read(hub: &Hub, size: impl Fn(usize) -> Option<usize>) -> Option<usize> {
+    let allowance = hub.config.memory_limit / 2;
+    let mut in_use = hub.disk_read_bytes.load(Ordering::Acquire);
+    loop {
+        let size = size(allowance.saturating_sub(in_use))?;
+        match hub.disk_read_bytes.compare_exchange_weak(
+            in_use,
+            in_use + size,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Some(size),
+            Err(now) => in_use = now,
+        }
+    }
+}
+
+/// Turns a reservation of `held` bytes into what the read took, `actual`.
+fn settle_disk_read(hub: &Hub, held: &mut usize, actual: usize) {
+    if actual >= *held {
+        hub.disk_read_bytes
+            .fetch_add(actual - *held, Ordering::AcqRel);
+    } else {
+        hub.disk_read_bytes
+            .fetch_sub(*held - actual, Ordering::AcqRel);
+    }
+    *held = actual;
+}
+
+/// A finished log read, or why the subscription ends.
+fn log_read_result(
+    joined: Result<std::io::Result<LogRead>, tokio::task::JoinError>,
+    from: u64,
+) -> Result<LogRead, SubscriptionEnd> {
+    match joined {
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(error)) => {
+            tracing::error!(%error, from, "cannot read the log for a subscriber");
+            Err(SubscriptionEnd::LogUnreadable(error.kind()))
+        }
+        Err(_) => Err(SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other)),
+    }
+}
+
 /// Returns `held` bytes of log reads to the hub's shared allowance.
 fn return_disk_read(hub: &Hub, held: &mut usize) {
     let held = std::mem::take(held);
@@ -401,6 +488,7 @@ fn return_disk_read(hub: &Hub, held: &mut usize) {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.release_disk_read();
+        self.cancel_read_ahead();
         let mut ring = self.hub.lock();
         ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
         if let Some(channels) = self.filter.channels() {

@@ -772,3 +772,51 @@ async fn catch_up_reads_share_half_the_memory_limit() {
     readers.clear();
     assert_eq!(held(), 0, "released with the subscriptions");
 }
+
+/// While one read from the log is sent, the next is read; both are charged
+/// to the read allowance, and both are returned when the reader is back on
+/// the ring or goes away.
+#[tokio::test]
+async fn a_catch_up_reader_reads_ahead_while_it_sends() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
+    let mut writer = opened.writer;
+    // 8 MiB of log: 64 batches of 16 packets of 8 KiB, read 4 MiB at a time.
+    let next = write_history(&mut writer, 64, 16, 8 << 10);
+    let hub = Hub::with_log(
+        hub_config(SlowSubscriberPolicy::CatchUp, 16, 64 << 20, 64 << 10),
+        Metrics::new(),
+        opened.log,
+        next,
+    );
+    let (stop, writer) = spawn_writer(&hub, writer);
+    let held = || hub.disk_read_bytes.load(Ordering::Acquire);
+    let subscribe = || {
+        hub.subscribe_with(SubscribeOptions {
+            from_sequence: Some(1),
+            ..SubscribeOptions::default()
+        })
+        .expect("subscribes")
+    };
+    let mut reader = subscribe();
+    let first = sequences(next_delivery(&mut reader).await).1;
+    assert_eq!(first[0], 1);
+    let ahead = reader.read_ahead.as_ref().expect("reading ahead");
+    assert_eq!(ahead.from, reader.disk.back().expect("read").end_sequence());
+    assert!(held() > 4 << 20, "{} bytes held", held());
+
+    let mut leaving = subscribe();
+    next_delivery(&mut leaving).await;
+    assert!(leaving.read_ahead.is_some());
+    let before = reader.disk_held + reader.read_ahead.as_ref().map_or(0, |ahead| ahead.held);
+    drop(leaving);
+    assert_eq!(held(), before, "the leaver's reads are returned");
+
+    read_to_the_end(&mut reader, first, next).await;
+    hub.publish(batch(&[1], 8)).await;
+    assert_eq!(sequences(next_delivery(&mut reader).await).1, vec![next]);
+    assert!(reader.read_ahead.is_none());
+    assert_eq!(held(), 0, "back on the ring, nothing is held");
+    stop.cancel();
+    writer.await.expect("writer ends");
+}
