@@ -426,16 +426,14 @@ impl Log {
                     // Sequences missing between records (the writer refuses
                     // gaps, so only a damaged log has one) are reported as
                     // missed, never skipped silently.
-                    let wanted_from = expected.max(read.resume_at);
-                    if batch.first_sequence > wanted_from {
+                    let wanted_from = read.resume_at;
+                    if read.skip_to(batch.first_sequence) > 0 {
                         self.metrics.log_corrupt_records.inc();
                         tracing::error!(
                             segment = segment.first_sequence,
                             lost = ?(wanted_from..batch.first_sequence),
                             "the log skips sequences"
                         );
-                        read.skipped += batch.first_sequence - wanted_from;
-                        read.resume_at = batch.first_sequence;
                     }
                     expected = batch.end_sequence();
                     if chunk.len() >= len {
@@ -462,10 +460,9 @@ impl Log {
                     let resync = segment::intact_record_after(&file, offset, segment.len)
                         .filter(|(_, next)| *next > expected && *next <= segment.end_sequence);
                     if let Some((next_offset, next)) = resync {
-                        let skipped = next.saturating_sub(read.resume_at);
                         // Reported once per reader that wanted it (a later read
                         // from an index entry before it passes it silently).
-                        if skipped > 0 {
+                        if read.skip_to(next) > 0 {
                             self.metrics.log_corrupt_records.inc();
                             tracing::error!(
                                 %error,
@@ -474,8 +471,6 @@ impl Log {
                                 "log record fails its checks; skipping it"
                             );
                         }
-                        read.skipped += skipped;
-                        read.resume_at = read.resume_at.max(next);
                         let len = (next_offset - offset) as usize;
                         if chunk.len() >= len {
                             let _ = chunk.split_to(len);
@@ -499,8 +494,7 @@ impl Log {
                         skipped_to = resume_at,
                         "log record fails its checks; skipping it"
                     );
-                    read.skipped += resume_at.saturating_sub(read.resume_at);
-                    read.resume_at = resume_at;
+                    read.skip_to(resume_at);
                     break;
                 }
             }
@@ -513,16 +507,13 @@ impl Log {
             // (a damaged log): report the rest of it as missed, or the reader
             // would ask for the same sequence forever.
             let resume_at = next_first.unwrap_or(segment.end_sequence);
-            let wanted_from = expected.max(from);
-            if resume_at > wanted_from {
+            if read.skip_to(resume_at) > 0 {
                 self.metrics.log_corrupt_records.inc();
                 tracing::error!(
                     segment = segment.first_sequence,
-                    lost = ?(wanted_from..resume_at),
+                    lost = ?(from..resume_at),
                     "the log's segment ends early"
                 );
-                read.skipped += resume_at - wanted_from;
-                read.resume_at = resume_at;
             }
         }
         Ok(read)
@@ -550,6 +541,17 @@ pub struct LogRead {
     pub skipped: u64,
     /// Where the next read continues.
     pub resume_at: u64,
+}
+
+impl LogRead {
+    /// Reports everything from where this read stands up to `to` as lost
+    /// (a damaged log); returns how many sequences that is (0 if none).
+    fn skip_to(&mut self, to: u64) -> u64 {
+        let lost = to.saturating_sub(self.resume_at);
+        self.skipped += lost;
+        self.resume_at = self.resume_at.max(to);
+        lost
+    }
 }
 
 /// The only writer of the log, owned by the hub's writer task.
