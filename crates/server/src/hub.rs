@@ -843,7 +843,7 @@ impl Hub {
             cursor,
             replaying,
             disk: VecDeque::new(),
-            disk_held: 0,
+            disk_charge: None,
             read_ahead: None,
             log_exhausted_at: None,
             pending_missed: missed,

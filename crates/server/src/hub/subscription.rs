@@ -34,8 +34,8 @@ pub struct Subscription {
     pub(super) replaying: bool,
     /// Batches read ahead from the log (large sequential reads).
     pub(super) disk: VecDeque<Arc<SequencedBatch>>,
-    /// Bytes of `disk` charged to `Hub::disk_read_bytes`.
-    pub(super) disk_held: usize,
+    /// What `disk` is charged to the read allowance.
+    pub(super) disk_charge: Option<ReadCharge>,
     /// The log read that continues `disk`, running while `disk` is sent.
     pub(super) read_ahead: Option<ReadAhead>,
     /// A log read from this cursor found nothing and skipped nothing (only a
@@ -56,9 +56,80 @@ pub struct Subscription {
 pub(super) struct ReadAhead {
     /// The sequence it reads from: `disk`'s end when it started.
     pub(super) from: u64,
-    /// Bytes of it charged to `Hub::disk_read_bytes`.
-    pub(super) held: usize,
-    read: tokio::task::JoinHandle<std::io::Result<LogRead>>,
+    read: tokio::task::JoinHandle<FinishedRead>,
+}
+
+/// A log read's result and its charge, back from the blocking thread.
+type FinishedRead = (std::io::Result<LogRead>, ReadCharge);
+
+/// Bytes of log reads charged to `Hub::disk_read_bytes` (which ring
+/// eviction counts against `--memory-limit`), returned when dropped. A
+/// read's charge goes with it to its blocking thread and back, so a read that
+/// outlives its subscriber (gone mid-read) stays charged until it is done.
+pub(super) struct ReadCharge {
+    hub: Arc<Hub>,
+    bytes: usize,
+}
+
+impl ReadCharge {
+    /// Takes a read's size from the shared allowance (half of
+    /// `--memory-limit`): `size` picks it from the room left, 0 declines.
+    fn reserve(hub: &Arc<Hub>, size: impl Fn(usize) -> usize) -> Option<ReadCharge> {
+        let allowance = hub.config.memory_limit / 2;
+        let mut in_use = hub.disk_read_bytes.load(Ordering::Acquire);
+        loop {
+            let bytes = size(allowance.saturating_sub(in_use));
+            if bytes == 0 {
+                return None;
+            }
+            match hub.disk_read_bytes.compare_exchange_weak(
+                in_use,
+                in_use + bytes,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(ReadCharge {
+                        hub: Arc::clone(hub),
+                        bytes,
+                    })
+                }
+                Err(now) => in_use = now,
+            }
+        }
+    }
+
+    /// The charge becomes what the read took.
+    fn settle(&mut self, actual: usize) {
+        if actual >= self.bytes {
+            self.hub
+                .disk_read_bytes
+                .fetch_add(actual - self.bytes, Ordering::AcqRel);
+        } else {
+            self.hub
+                .disk_read_bytes
+                .fetch_sub(self.bytes - actual, Ordering::AcqRel);
+        }
+        self.bytes = actual;
+    }
+}
+
+impl Drop for ReadCharge {
+    fn drop(&mut self) {
+        self.hub
+            .disk_read_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Reads the log from `from` on a blocking thread, as much as `charge` allows.
+fn spawn_log_read(
+    log: Arc<crate::log::Log>,
+    from: u64,
+    charge: ReadCharge,
+) -> tokio::task::JoinHandle<FinishedRead> {
+    let size = charge.bytes;
+    tokio::task::spawn_blocking(move || (log.read(from, size), charge))
 }
 
 enum Take {
@@ -130,15 +201,15 @@ impl Subscription {
                     return Take::Disk;
                 }
                 if self.cursor >= oldest
-                    && (!self.disk.is_empty() || self.disk_held > 0 || self.read_ahead.is_some())
+                    && (!self.disk.is_empty()
+                        || self.disk_charge.is_some()
+                        || self.read_ahead.is_some())
                 {
                     // Back on the ring: what was read ahead is not needed.
                     self.disk.clear();
-                    // Field by field: `ring` borrows the hub.
-                    return_disk_read(&self.hub, &mut self.disk_held);
-                    if let Some(mut ahead) = self.read_ahead.take() {
+                    self.disk_charge = None;
+                    if let Some(ahead) = self.read_ahead.take() {
                         ahead.read.abort();
-                        return_disk_read(&self.hub, &mut ahead.held);
                     }
                 }
                 if self.replaying && self.cursor >= oldest {
@@ -223,43 +294,43 @@ impl Subscription {
             self.disk.pop_front();
         }
         if self.disk.is_empty() {
-            self.release_disk_read();
+            self.disk_charge = None;
             let Some(log) = self.hub.log.clone() else {
                 return Ok(None);
             };
             let from = self.cursor;
-            let read = match self.read_ahead.take() {
-                Some(ahead) if ahead.from == from => {
-                    self.disk_held = ahead.held;
-                    ahead.read.await
-                }
+            let finished = match self.read_ahead.take() {
+                Some(ahead) if ahead.from == from => ahead.read.await,
                 stale => {
-                    if let Some(mut stale) = stale {
-                        return_disk_read(&self.hub, &mut stale.held);
+                    if let Some(stale) = stale {
+                        stale.read.abort();
                     }
                     // Stalled catch-up streams keep what they read, and the
                     // memory ring does not see it: reads share half of
                     // --memory-limit, so many catch-up subscribers get smaller
-                    // reads, not more memory. Reserved before reading, so
-                    // concurrent readers cannot all take the same room.
-                    let size = reserve_disk_read(&self.hub, |room| {
-                        Some(room.clamp(MIN_DISK_READ, DISK_READ))
-                    })
-                    .unwrap_or(MIN_DISK_READ);
-                    self.disk_held = size;
-                    tokio::task::spawn_blocking(move || log.read(from, size)).await
+                    // reads, not more memory (but always one). Reserved before
+                    // reading, so concurrent readers cannot take the same room.
+                    let charge =
+                        ReadCharge::reserve(&self.hub, |room| room.clamp(MIN_DISK_READ, DISK_READ));
+                    let Some(charge) = charge else {
+                        return Ok(None);
+                    };
+                    spawn_log_read(log, from, charge).await
                 }
             };
-            let read = match log_read_result(read, from) {
+            let Ok((read, mut charge)) = finished else {
+                return Err(SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other));
+            };
+            let read = match read {
                 Ok(read) => read,
-                Err(end) => {
-                    self.release_disk_read();
-                    return Err(end);
+                Err(error) => {
+                    tracing::error!(%error, from, "cannot read the log for a subscriber");
+                    return Err(SubscriptionEnd::LogUnreadable(error.kind()));
                 }
             };
             // The reservation becomes what was read.
-            let held: usize = read.batches.iter().map(|batch| batch.body().len()).sum();
-            settle_disk_read(&self.hub, &mut self.disk_held, held);
+            charge.settle(read.batches.iter().map(|batch| batch.body().len()).sum());
+            self.disk_charge = Some(charge);
             if read.skipped > 0 {
                 self.pending_missed += read.skipped;
                 self.hub.metrics.packets_missed.inc_by(read.skipped);
@@ -301,30 +372,15 @@ impl Subscription {
             return;
         }
         // Optional: under memory pressure a reader reads only when it must.
-        let Some(size) = reserve_disk_read(&self.hub, |room| {
-            (room >= MIN_READ_AHEAD).then(|| room.min(DISK_READ))
-        }) else {
-            return;
-        };
-        let read = tokio::task::spawn_blocking(move || log.read(from, size));
-        self.read_ahead = Some(ReadAhead {
-            from,
-            held: size,
-            read,
+        let charge = ReadCharge::reserve(&self.hub, |room| match room >= MIN_READ_AHEAD {
+            true => room.min(DISK_READ),
+            false => 0,
         });
-    }
-
-    /// Returns this subscriber's log read to the shared allowance.
-    fn release_disk_read(&mut self) {
-        return_disk_read(&self.hub, &mut self.disk_held);
-    }
-
-    /// Drops the read ahead (its thread finishes the read, unseen) and
-    /// returns its reservation.
-    fn cancel_read_ahead(&mut self) {
-        if let Some(mut ahead) = self.read_ahead.take() {
-            ahead.read.abort();
-            return_disk_read(&self.hub, &mut ahead.held);
+        if let Some(charge) = charge {
+            self.read_ahead = Some(ReadAhead {
+                from,
+                read: spawn_log_read(log, from, charge),
+            });
         }
     }
 
@@ -431,64 +487,14 @@ fn take_matching(
     (index, full)
 }
 
-/// Takes the size of a log read from the shared allowance (half of
-/// `--memory-limit`): `size` picks it from the room left, or declines.
-fn reserve_disk_read(hub: &Hub, size: impl Fn(usize) -> Option<usize>) -> Option<usize> {
-    let allowance = hub.config.memory_limit / 2;
-    let mut in_use = hub.disk_read_bytes.load(Ordering::Acquire);
-    loop {
-        let size = size(allowance.saturating_sub(in_use))?;
-        match hub.disk_read_bytes.compare_exchange_weak(
-            in_use,
-            in_use + size,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => return Some(size),
-            Err(now) => in_use = now,
-        }
-    }
-}
-
-/// Turns a reservation of `held` bytes into what the read took, `actual`.
-fn settle_disk_read(hub: &Hub, held: &mut usize, actual: usize) {
-    if actual >= *held {
-        hub.disk_read_bytes
-            .fetch_add(actual - *held, Ordering::AcqRel);
-    } else {
-        hub.disk_read_bytes
-            .fetch_sub(*held - actual, Ordering::AcqRel);
-    }
-    *held = actual;
-}
-
-/// A finished log read, or why the subscription ends.
-fn log_read_result(
-    joined: Result<std::io::Result<LogRead>, tokio::task::JoinError>,
-    from: u64,
-) -> Result<LogRead, SubscriptionEnd> {
-    match joined {
-        Ok(Ok(read)) => Ok(read),
-        Ok(Err(error)) => {
-            tracing::error!(%error, from, "cannot read the log for a subscriber");
-            Err(SubscriptionEnd::LogUnreadable(error.kind()))
-        }
-        Err(_) => Err(SubscriptionEnd::LogUnreadable(std::io::ErrorKind::Other)),
-    }
-}
-
-/// Returns `held` bytes of log reads to the hub's shared allowance.
-fn return_disk_read(hub: &Hub, held: &mut usize) {
-    let held = std::mem::take(held);
-    if held > 0 {
-        hub.disk_read_bytes.fetch_sub(held, Ordering::AcqRel);
-    }
-}
-
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.release_disk_read();
-        self.cancel_read_ahead();
+        self.disk_charge = None;
+        // Not started yet: never starts. Running: its charge comes back
+        // when it is done.
+        if let Some(ahead) = self.read_ahead.take() {
+            ahead.read.abort();
+        }
         let mut ring = self.hub.lock();
         ring.slots.retain(|slot| !Arc::ptr_eq(slot, &self.slot));
         if let Some(channels) = self.filter.channels() {
