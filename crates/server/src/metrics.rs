@@ -27,6 +27,58 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+/// How old a batch is (since its bytes were read from the producer) when it
+/// reaches each stage of the live path: where a packet's latency goes.
+/// Each is observed once per batch (`taken`: once per subscriber delivery).
+#[derive(Clone, Debug)]
+pub struct BatchAge {
+    /// A verify thread starts on it (queueing and the wake-up to the pool).
+    pub verify_start: Histogram,
+    /// Verified and encoded.
+    pub verified: Histogram,
+    /// Its producer task has it back (the wake-up back from the pool).
+    pub publishing: Histogram,
+    /// Numbered and in the ring (memory mode: visible to subscribers).
+    pub sequenced: Histogram,
+    /// A live subscriber's stream took it from the ring (the wake-up of the
+    /// stream); what follows is HTTP/2 and the network.
+    pub taken: Histogram,
+}
+
+impl BatchAge {
+    fn register(registry: &mut Registry) -> BatchAge {
+        let family =
+            Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                // 10 µs to about 5 s.
+                Histogram::new(exponential_buckets(1e-5, 2.0, 20))
+            });
+        registry.register(
+            "batch_age_seconds",
+            "Age of a batch since its bytes were read, as it reaches each stage of the live path",
+            family.clone(),
+        );
+        let stage = |stage| family.get_or_create(&StageLabel { stage }).clone();
+        BatchAge {
+            verify_start: stage("verify_start"),
+            verified: stage("verified"),
+            publishing: stage("publishing"),
+            sequenced: stage("sequenced"),
+            taken: stage("taken"),
+        }
+    }
+}
+
+/// Seconds since `received_unix_nanos` (the wall clock the batch was stamped
+/// with when read); 0 if the clock stepped back.
+pub fn age_seconds(received_unix_nanos: i64) -> f64 {
+    (crate::verify::unix_nanos_now() - received_unix_nanos).max(0) as f64 / 1e9
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -153,6 +205,7 @@ pub struct Metrics {
     /// `--compression`: messages and bytes in and out, per encoding.
     pub compression: crate::compression::CompressionMetrics,
     pub verify_seconds: Histogram,
+    pub batch_age: BatchAge,
     /// Pre-resolved `rejected{reason}` handles, in `Rejection::ALL` order.
     pub rejection_handles: [(Counter, Counter); 2],
 }
@@ -320,6 +373,7 @@ impl Metrics {
             "Time to verify and encode one batch of frames on the pool",
             verify_seconds.clone(),
         );
+        let batch_age = BatchAge::register(&mut registry);
         registry.register(
             "build",
             "Build information",
@@ -371,6 +425,7 @@ impl Metrics {
             requests_refused,
             compression,
             verify_seconds,
+            batch_age,
             rejection_handles,
         })
     }

@@ -154,6 +154,7 @@ impl Producer {
             return Ok(published);
         }
         let accepted = verified.accepted.len() as u64;
+        let received_unix_nanos = verified.received_unix_nanos;
         // Returned once the packets are the hub's (or JetStream's) to account for.
         let _charge = verified.charge.take();
         match self
@@ -163,6 +164,10 @@ impl Producer {
             .await
         {
             Ok(placed) => {
+                self.metrics
+                    .batch_age
+                    .sequenced
+                    .observe(crate::metrics::age_seconds(received_unix_nanos));
                 // In cluster mode the sequences may not be known yet (placed
                 // later by the sequencer): record only a range that fits.
                 if let Some(last) = placed
@@ -224,4 +229,10 @@ fn record(metrics: &Metrics, batch: &VerifiedBatch) {
         }
     }
     metrics.verify_seconds.observe(batch.verify_seconds);
+    let ages = &metrics.batch_age;
+    ages.verify_start.observe(batch.queued_seconds);
+    ages.verified
+        .observe(batch.queued_seconds + batch.verify_seconds);
+    ages.publishing
+        .observe(crate::metrics::age_seconds(batch.received_unix_nanos));
 }

@@ -9,13 +9,20 @@
 //! pipeline is full stops reading its socket. Accepted packets leave here
 //! already protobuf-encoded (see `wire`).
 //!
-//! The pool is a few threads on one crossbeam channel rather than rayon's:
-//! rayon's idle workers spin (rounds of `sched_yield`) before they sleep, and
-//! at a paced 50 k packets/s that spinning was 45 % of the server's CPU on 2
-//! cores, taken from the reactor and the client. Nothing here needs rayon's
-//! work stealing or scoped parallelism: each job is one independent batch.
+//! The pool is a few threads on one job queue (a mutex, a condition variable
+//! and a short spin; see `Workers`) rather than rayon's or a crossbeam
+//! channel's: their idle threads spin in rounds of `sched_yield` before they
+//! sleep. At a paced 50 k packets/s rayon's spinning was 45 % of the
+//! server's CPU on 2 cores, and with crossbeam's shorter back-off the paced
+//! p99 was still 1.3-1.5 ms against 0.6-0.8 ms with this queue (A/B on one
+//! machine), the CPU taken from the reactor and the client. Nothing here
+//! needs work stealing or scoped parallelism: each job is one independent
+//! batch.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::oneshot;
@@ -63,6 +70,10 @@ pub struct VerifiedBatch {
     pub frames: u64,
     /// Time spent hashing and encoding this batch on the pool.
     pub verify_seconds: f64,
+    /// `FrameBatch::received_unix_nanos`.
+    pub received_unix_nanos: i64,
+    /// The batch's age when a verify thread started on it.
+    pub queued_seconds: f64,
     /// The batch's ingest budget, returned once it is published.
     pub charge: Option<Charge>,
     /// `FrameBatch::span`, ended when the batch is published.
@@ -88,6 +99,7 @@ pub fn verify_batch(
     expected_sequence: u64,
 ) -> VerifiedBatch {
     let started = Instant::now();
+    let queued_seconds = crate::metrics::age_seconds(batch.received_unix_nanos);
     let estimated_body: usize = batch
         .frames
         .iter()
@@ -97,6 +109,8 @@ pub fn verify_batch(
         EncodedPacketsBuilder::with_capacity(batch.frames.len(), estimated_body, expected_sequence);
     let mut result = VerifiedBatch {
         frames: batch.frames.len() as u64,
+        received_unix_nanos: batch.received_unix_nanos,
+        queued_seconds,
         ..VerifiedBatch::default()
     };
     for (offset, frame) in batch.frames.iter().enumerate() {
@@ -126,36 +140,112 @@ pub fn verify_batch(
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A fixed set of named threads taking jobs from one queue; an idle thread
-/// blocks on the queue (crossbeam's short back-off, then a futex wait). The
+/// A fixed set of named threads taking jobs from one queue. An idle thread
+/// spins briefly (`IDLE_SPIN`, on an atomic, never yielding) and then parks
+/// (a condition variable): queues that spin and `sched_yield` for longer
+/// before parking (crossbeam's, rayon's) took, on two shared cores, the CPU
+/// the reactor and the clients needed, which showed as latency tails; one
+/// that parks at once pays a futex wake-up per batch at full speed. The
 /// threads end when the last handle is dropped.
 #[derive(Debug)]
 struct Workers {
-    jobs: crossbeam_channel::Sender<Job>,
+    queue: Arc<JobQueue>,
     threads: usize,
+}
+
+#[derive(Debug, Default)]
+struct JobQueue {
+    state: std::sync::Mutex<QueueState>,
+    ready: std::sync::Condvar,
+    /// Jobs in `state.jobs`, readable without the lock (for spinning).
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+/// How long an idle thread watches for the next job before parking: at full
+/// speed batches come closer together than this, and a paced stream's next
+/// burst comes much later.
+const IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+
+#[derive(Default)]
+struct QueueState {
+    jobs: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for QueueState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueState")
+            .field("jobs", &self.jobs.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+impl JobQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // Jobs run outside the lock, so it is never held by a panicking job.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next job, waiting for one; `None` once closed and empty.
+    fn take(&self) -> Option<Job> {
+        let spin_until = Instant::now() + IDLE_SPIN;
+        while self.queued.load(Ordering::Acquire) == 0 && Instant::now() < spin_until {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+        }
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                self.queued.fetch_sub(1, Ordering::Release);
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 impl Workers {
     fn start(threads: usize) -> std::io::Result<Workers> {
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let queue = Arc::new(JobQueue::default());
         for index in 0..threads {
-            let queue = queue.clone();
+            let queue = Arc::clone(&queue);
             std::thread::Builder::new()
                 .name(format!("verify-{index}"))
                 .spawn(move || {
-                    for job in queue {
+                    while let Some(job) = queue.take() {
                         // A panicking job drops its reply sender (the waiting
                         // side sees the batch as lost); the thread stays.
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 })?;
         }
-        Ok(Workers { jobs, threads })
+        Ok(Workers { queue, threads })
     }
 
     fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        // The receivers live as long as the threads, which outlive every sender.
-        let _ = self.jobs.send(Box::new(job));
+        let mut state = self.queue.lock();
+        state.jobs.push_back(Box::new(job));
+        // Counted under the lock, as `take` uncounts: never below zero.
+        self.queue.queued.fetch_add(1, Ordering::Release);
+        drop(state);
+        self.queue.ready.notify_one();
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
     }
 }
 
@@ -332,6 +422,27 @@ mod tests {
         }
         names.sort();
         assert_eq!(names, vec!["verify-0", "verify-1"]);
+    }
+
+    #[test]
+    fn a_closed_queue_hands_out_what_is_left_then_ends() {
+        let workers = Workers::start(0).expect("no threads");
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..3 {
+            let ran = Arc::clone(&ran);
+            workers.spawn(move || {
+                ran.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        let queue = Arc::clone(&workers.queue);
+        drop(workers);
+        for _ in 0..3 {
+            let job = queue.take().expect("a queued job");
+            job();
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 3);
+        assert!(queue.take().is_none(), "closed and empty: threads end");
+        assert_eq!(queue.queued.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -362,5 +362,20 @@ async fn metrics_scrape_matches_the_traffic_sent() {
     expect("packet_ingest_missed_packets_total", 0.0);
     expect("packet_ingest_hub_retained_packets", 97.0);
     assert!(metric_in(&text, "packet_ingest_verify_batch_seconds_count") >= 1.0);
+    // Every batch is aged at each stage; ages only grow along the path.
+    let age = |stage: &str, part: &str| {
+        metric_in(
+            &text,
+            &format!("packet_ingest_batch_age_seconds_{part}{{stage=\"{stage}\"}}"),
+        )
+    };
+    let batches = age("verify_start", "count");
+    assert!(batches >= 1.0);
+    for stage in ["verified", "publishing", "sequenced"] {
+        assert_eq!(age(stage, "count"), batches, "{stage}");
+    }
+    assert!(age("taken", "count") >= 2.0, "each subscriber took some");
+    assert!(age("verified", "sum") >= age("verify_start", "sum"));
+    assert!(age("sequenced", "sum") >= age("publishing", "sum"));
     assert!(text.contains("packet_ingest_build_info{version=\""));
 }

@@ -270,7 +270,17 @@ impl Subscription {
                 }
                 batches
             };
+            let received = batches
+                .first()
+                .map_or(0, |batch| batch.received_unix_nanos());
             let delivery = self.collect(batches, max_bytes);
+            if delivery.is_some() && received != 0 {
+                self.hub
+                    .metrics
+                    .batch_age
+                    .taken
+                    .observe(crate::metrics::age_seconds(received));
+            }
             self.slot.cursor.store(self.cursor, Ordering::Release);
             self.slot.reading_log.store(false, Ordering::Release);
             if self.hub.config.policy == SlowSubscriberPolicy::Block {
