@@ -217,9 +217,14 @@ impl JobQueue {
 
 impl Workers {
     fn start(threads: usize) -> std::io::Result<Workers> {
-        let queue = Arc::new(JobQueue::default());
+        // Made first, so that if a thread cannot be started, dropping it
+        // closes the queue and the threads already started end.
+        let mut workers = Workers {
+            queue: Arc::new(JobQueue::default()),
+            threads: 0,
+        };
         for index in 0..threads {
-            let queue = Arc::clone(&queue);
+            let queue = Arc::clone(&workers.queue);
             std::thread::Builder::new()
                 .name(format!("verify-{index}"))
                 .spawn(move || {
@@ -229,8 +234,9 @@ impl Workers {
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 })?;
+            workers.threads += 1;
         }
-        Ok(Workers { queue, threads })
+        Ok(workers)
     }
 
     fn spawn(&self, job: impl FnOnce() + Send + 'static) {
