@@ -42,7 +42,8 @@ pub struct BatchAge {
     pub verified: Histogram,
     /// Its producer task has it back (the wake-up back from the pool).
     pub publishing: Histogram,
-    /// Numbered and in the ring (memory mode: visible to subscribers).
+    /// Its publish returned: numbered and in the ring (without a log,
+    /// visible to subscribers; in cluster mode: handed to the sequencer).
     pub sequenced: Histogram,
     /// A live subscriber's stream took it from the ring (the wake-up of the
     /// stream); what follows is HTTP/2 and the network.

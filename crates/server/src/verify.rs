@@ -14,7 +14,7 @@
 //! channel's: their idle threads spin in rounds of `sched_yield` before they
 //! sleep. At a paced 50 k packets/s rayon's spinning was 45 % of the
 //! server's CPU on 2 cores, and with crossbeam's shorter back-off the paced
-//! p99 was still 1.3-1.5 ms against 0.6-0.8 ms with this queue (A/B on one
+//! p99 was still 1.2-1.6 ms against 0.6-0.9 ms with this queue (A/B on one
 //! machine), the CPU taken from the reactor and the client. Nothing here
 //! needs work stealing or scoped parallelism: each job is one independent
 //! batch.
