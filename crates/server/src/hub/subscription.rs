@@ -73,15 +73,12 @@ pub(super) struct ReadCharge {
 
 impl ReadCharge {
     /// Takes a read's size from the shared allowance (half of
-    /// `--memory-limit`): `size` picks it from the room left, 0 declines.
-    fn reserve(hub: &Arc<Hub>, size: impl Fn(usize) -> usize) -> Option<ReadCharge> {
+    /// `--memory-limit`): `size` picks it from the room left (0: no read).
+    fn reserve(hub: &Arc<Hub>, size: impl Fn(usize) -> usize) -> ReadCharge {
         let allowance = hub.config.memory_limit / 2;
         let mut in_use = hub.disk_read_bytes.load(Ordering::Acquire);
         loop {
             let bytes = size(allowance.saturating_sub(in_use));
-            if bytes == 0 {
-                return None;
-            }
             match hub.disk_read_bytes.compare_exchange_weak(
                 in_use,
                 in_use + bytes,
@@ -89,10 +86,10 @@ impl ReadCharge {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    return Some(ReadCharge {
+                    return ReadCharge {
                         hub: Arc::clone(hub),
                         bytes,
-                    })
+                    }
                 }
                 Err(now) => in_use = now,
             }
@@ -322,9 +319,6 @@ impl Subscription {
                     // reading, so concurrent readers cannot take the same room.
                     let charge =
                         ReadCharge::reserve(&self.hub, |room| room.clamp(MIN_DISK_READ, DISK_READ));
-                    let Some(charge) = charge else {
-                        return Ok(None);
-                    };
                     spawn_log_read(log, from, charge).await
                 }
             };
@@ -386,7 +380,7 @@ impl Subscription {
             true => room.min(DISK_READ),
             false => 0,
         });
-        if let Some(charge) = charge {
+        if charge.bytes > 0 {
             self.read_ahead = Some(ReadAhead {
                 from,
                 read: spawn_log_read(log, from, charge),
