@@ -397,6 +397,9 @@ impl Log {
             .min(segment.len - offset.min(segment.len));
         let mut buf = vec![0u8; want as usize];
         let got = read_fully_at(&file, &mut buf, offset)?;
+        if let Err(error) = segment::drop_cached(&file, offset, offset + got as u64) {
+            tracing::debug!(%error, "cannot release the log's cached pages");
+        }
         self.metrics.log_read_bytes.inc_by(got as u64);
         buf.truncate(got);
         let mut chunk = Bytes::from(buf);
