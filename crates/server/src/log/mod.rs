@@ -397,8 +397,12 @@ impl Log {
             .min(segment.len - offset.min(segment.len));
         let mut buf = vec![0u8; want as usize];
         let got = read_fully_at(&file, &mut buf, offset)?;
-        if let Err(error) = segment::drop_cached(&file, offset, offset + got as u64) {
-            tracing::debug!(%error, "cannot release the log's cached pages");
+        // Only the log's newest bytes stay cached (see `segment::drop_cached`).
+        let read_end = offset + got as u64;
+        if next_first.is_some() || read_end + segment::CACHED_TAIL <= segment.len {
+            if let Err(error) = segment::drop_cached(&file, offset, read_end) {
+                tracing::debug!(%error, "cannot release the log's cached pages");
+            }
         }
         self.metrics.log_read_bytes.inc_by(got as u64);
         buf.truncate(got);
@@ -705,6 +709,7 @@ impl LogWriter {
         let first_sequence = self.active.end_sequence;
         // The old segment is complete on disk before the new one exists.
         self.sync()?;
+        self.active.release_cached(self.active.len);
         let next = SegmentWriter::create(&self.log.options.dir, first_sequence)?;
         File::open(&self.log.options.dir)?.sync_all()?;
         self.active = next;

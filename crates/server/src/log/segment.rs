@@ -181,8 +181,8 @@ pub struct SegmentWriter {
     entries: Vec<(u64, u64)>,
     /// How many of `entries` are in the index file.
     entries_written: usize,
-    /// Bytes from the start whose page-cache copies were released after an
-    /// fsync (`release_cached`).
+    /// Bytes from the start whose page-cache copies were released
+    /// (`release_cached`).
     released: u64,
 }
 
@@ -284,18 +284,22 @@ impl SegmentWriter {
     }
 
     /// `flush`, then asks the disk to keep it (survives a power loss), then
-    /// releases the page cache's copy of what is now on disk.
+    /// releases the cached pages of what is now on disk but `CACHED_TAIL`.
     pub fn sync(&mut self) -> std::io::Result<()> {
         self.flush()?;
         self.log.sync_data()?;
-        self.release_cached();
+        self.release_cached(self.written.saturating_sub(CACHED_TAIL));
         Ok(())
     }
 
-    /// Releases the cached pages of everything synced (`drop_cached`).
-    fn release_cached(&mut self) {
-        match drop_cached(&self.log, self.released, self.written) {
-            Ok(()) => self.released = self.written,
+    /// Releases the cached pages of bytes up to `end` (`drop_cached`). Only
+    /// written and synced bytes: dirty pages would not go.
+    pub fn release_cached(&mut self, end: u64) {
+        if end <= self.released {
+            return;
+        }
+        match drop_cached(&self.log, self.released, end) {
+            Ok(()) => self.released = end,
             Err(error) => tracing::debug!(%error, "cannot release the log's cached pages"),
         }
     }
@@ -332,19 +336,24 @@ impl SegmentWriter {
     }
 }
 
+/// The newest log bytes kept in the page cache: readers just behind the
+/// memory ring read them from there (the ring keeps `--history` packets,
+/// as little as 4 MiB of 64 B ones).
+pub const CACHED_TAIL: u64 = 16 << 20;
+
 /// Tells the kernel it may drop the page cache's copy of `start..end` of a
-/// log file (`POSIX_FADV_DONTNEED`: clean pages go at once, dirty ones are
-/// queued for writeback). Done after each fsync for what it made durable, and
-/// after each catch-up read for what it read: the newest batches are in the
-/// hub's ring already, and a catch-up read is one sequential pass, so a
-/// cached copy is memory `--memory-limit` cannot see and a pod's memory
-/// cgroup counts, while writing and reading keep taking fresh pages instead
-/// of reusing these (the reasoning of PostgreSQL's ring buffers for bulk
-/// scans). Measured on a 2-core VM, where a fresh page's first touch is
-/// expensive: 1 KiB `--data-dir` ingest went from ~0.40× to ~0.6× memory
-/// mode (the page-cache copy, `copy_folio_from_iter_atomic`, had been 37 % of
-/// the server's CPU), and sequential reads of a 2 GiB segment file from
-/// ~0.6-1.1 to ~2.5-3 GB/s. Advice only: a failure costs memory, nothing else.
+/// log file (`POSIX_FADV_DONTNEED`: clean pages go at once). Done for all but
+/// the newest `CACHED_TAIL` bytes, once fsynced, and after each catch-up read
+/// of older bytes. The newest batches are in the memory ring, and a catch-up
+/// read far behind is one sequential pass, so a cached copy would be memory
+/// that `--memory-limit` cannot see and a pod's memory cgroup counts, while
+/// writing and reading would keep taking fresh pages instead of reusing these
+/// (the reasoning of PostgreSQL's ring buffers for bulk scans). Measured on a
+/// 2-core VM, where a fresh page's first touch is expensive: 1 KiB
+/// `--data-dir` ingest went from ~0.40× to ~0.7× memory mode (the page-cache
+/// copy, `copy_folio_from_iter_atomic`, had been 37 % of the server's CPU),
+/// and sequential reads of a 2 GiB file from ~0.6-1.1 to ~2.5-3 GB/s. Advice
+/// only: a failure costs memory, nothing else.
 pub fn drop_cached(file: &File, start: u64, end: u64) -> rustix::io::Result<()> {
     match std::num::NonZeroU64::new(end.saturating_sub(start)) {
         None => Ok(()),
@@ -621,5 +630,32 @@ mod tests {
         writer.flush().expect("flush");
         let again = recover_tail(dir.path(), 1).expect("recover");
         assert_eq!((again.end_sequence, again.truncated_bytes), (4, 0));
+    }
+
+    #[test]
+    fn a_sync_releases_all_but_the_cached_tail_and_records_still_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut writer = SegmentWriter::create(dir.path(), 1).expect("create");
+        let mut next = 1;
+        let mut written = Vec::new();
+        // A little more than the tail kept cached, in 1 MiB batches.
+        while writer.len <= CACHED_TAIL + (2 << 20) {
+            let batch = batch(next, 16, 64 * 1024);
+            next = batch.end_sequence();
+            writer.append(&batch).expect("append");
+            written.push(batch);
+        }
+        writer.sync().expect("sync");
+        assert_eq!(writer.released, writer.len - CACHED_TAIL);
+        // Cut back into the released part: what is released never lies past the end.
+        let (cut_len, cut_end) = (writer.released - 4096, written[0].end_sequence());
+        writer.truncate_to(cut_len, cut_end).expect("truncate");
+        assert_eq!(writer.released, cut_len);
+        writer.release_cached(cut_len);
+        assert_eq!(writer.released, cut_len);
+        // What the kernel may have dropped is read again from the file.
+        let file = File::open(log_path(dir.path(), 1)).expect("open");
+        let (first, _) = read_record_at(&file, 0, cut_len).expect("first record");
+        same(&first, &written[0]);
     }
 }
