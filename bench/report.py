@@ -695,7 +695,8 @@ def durable_section(results):
     w("")
     disk = fnum("disk.write_mb_per_s")
     if disk is not None:
-        w(f"**The disk's bound.** Sequential 4 MiB writes with an fsync every 64 MiB took **{disk:,.0f} MB/s** "
+        w(f"**The disk's bound.** Sequential 4 MiB writes with an fsync every 64 MiB, each synced range then "
+          f"dropped from the page cache as the log does, took **{disk:,.0f} MB/s** "
           f"on the data directory's filesystem in this run. A 1 KiB packet is a record of about 1.1 KB, so a log "
           f"that is synced as it goes cannot sustain more than about {si(disk * 1e6 / 1110)} pkts/s here, "
           "whatever the CPU does; a short run can exceed that while the page cache absorbs writes.")
