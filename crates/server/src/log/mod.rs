@@ -400,9 +400,7 @@ impl Log {
         // Only the log's newest bytes stay cached (see `segment::drop_cached`).
         let read_end = offset + got as u64;
         if next_first.is_some() || read_end + segment::CACHED_TAIL <= segment.len {
-            if let Err(error) = segment::drop_cached(&file, offset, read_end) {
-                tracing::debug!(%error, "cannot release the log's cached pages");
-            }
+            segment::drop_cached(&file, offset, read_end);
         }
         self.metrics.log_read_bytes.inc_by(got as u64);
         buf.truncate(got);

@@ -295,12 +295,9 @@ impl SegmentWriter {
     /// Releases the cached pages of bytes up to `end` (`drop_cached`). Only
     /// written and synced bytes: dirty pages would not go.
     pub fn release_cached(&mut self, end: u64) {
-        if end <= self.released {
-            return;
-        }
-        match drop_cached(&self.log, self.released, end) {
-            Ok(()) => self.released = end,
-            Err(error) => tracing::debug!(%error, "cannot release the log's cached pages"),
+        if end > self.released {
+            drop_cached(&self.log, self.released, end);
+            self.released = end;
         }
     }
 
@@ -353,11 +350,13 @@ pub const CACHED_TAIL: u64 = 16 << 20;
 /// `--data-dir` ingest went from ~0.40× to ~0.7× memory mode (the page-cache
 /// copy, `copy_folio_from_iter_atomic`, had been 37 % of the server's CPU),
 /// and sequential reads of a 2 GiB file from ~0.6-1.1 to ~2.5-3 GB/s. Advice
-/// only: a failure costs memory, nothing else.
-pub fn drop_cached(file: &File, start: u64, end: u64) -> rustix::io::Result<()> {
-    match std::num::NonZeroU64::new(end.saturating_sub(start)) {
-        None => Ok(()),
-        Some(len) => rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed),
+/// only: a failure costs memory, nothing else, so it is logged and not retried.
+pub fn drop_cached(file: &File, start: u64, end: u64) {
+    let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) else {
+        return;
+    };
+    if let Err(error) = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed) {
+        tracing::debug!(%error, "cannot release the log's cached pages");
     }
 }
 
