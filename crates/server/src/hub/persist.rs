@@ -5,7 +5,13 @@
 //!
 //! Writes are grouped: whatever has been numbered since the last write goes
 //! in one write (and, with `--fsync always`, one fsync): group commit. The
-//! file I/O runs on the blocking pool. A failed write (disk full, I/O error)
+//! file I/O runs on the blocking pool. With `--fsync interval` the fsync runs
+//! on a blocking thread of its own (`LogWriter::begin_sync`) while the writer
+//! goes on writing, so deliveries, which wait for the write, never wait for
+//! the disk (an fsync taking 10 ms held every batch numbered meanwhile:
+//! p99 10.8 ms at a paced 100 k packets/s). It is not overlapped with a
+//! segment roll or the last fsync at shutdown, whose success would hide its
+//! failure. A failed write (disk full, I/O error)
 //! is rolled back and retried with back-off; meanwhile the ring fills with
 //! unwritten batches and publishers wait, so ingest pauses (TCP backpressure)
 //! and nothing acknowledged is lost. `failing` says why, for health.
@@ -19,11 +25,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
-use crate::log::{FsyncPolicy, LogWriter};
+use crate::log::{FsyncPolicy, LogWriter, SyncDone, SyncJob};
 
 /// Numbered bytes one write takes at most.
 const WRITE_BYTES: usize = 8 << 20;
@@ -52,6 +58,7 @@ pub async fn write_log(
     stop: CancellationToken,
 ) {
     let options = writer.log().options().clone();
+    let policy = options.fsync;
     // Where the log ends, not where the hub is: producers may have published
     // before this task first ran, and those batches must be written too.
     let mut written = writer.end_sequence();
@@ -60,23 +67,44 @@ pub async fn write_log(
     let mut last_sync = Instant::now();
     let mut last_retention = Instant::now() - RETENTION_EVERY;
     let mut retry = RETRY_FIRST;
+    // With `--fsync interval` the fsync runs beside the writer, so batches
+    // numbered meanwhile are written and delivered without waiting for the
+    // disk; its result is taken by the next round.
+    let mut syncing: Option<JoinHandle<SyncDone>> = None;
+    let mut sync_done: Option<SyncDone> = None;
     loop {
         let batches = hub.unwritten(written, WRITE_BYTES);
+        let Some(owned) = writer.as_ref() else {
+            return;
+        };
+        // A segment roll fsyncs the old segment on the writer's thread, and
+        // shutting down ends with one last fsync there: neither beside a
+        // running one (whose failure they would hide).
+        if syncing.is_some() && (stop.is_cancelled() || (!batches.is_empty() && owned.needs_roll()))
+        {
+            sync_done = Some(finished(&mut syncing).await);
+            continue;
+        }
+        let background = policy == FsyncPolicy::Interval && !stop.is_cancelled();
         let sync_due = synced < written
-            && (options.fsync == FsyncPolicy::Always
+            && syncing.is_none()
+            && sync_done.is_none()
+            && (policy == FsyncPolicy::Always
                 || last_sync.elapsed() >= options.fsync_interval
                 || hub.take_sync_wanted()
                 || (stop.is_cancelled() && batches.is_empty()));
         let retention_due = last_retention.elapsed() >= RETENTION_EVERY;
-        if batches.is_empty() && !sync_due && !retention_due {
+        if batches.is_empty() && !sync_due && !retention_due && sync_done.is_none() {
             if stop.is_cancelled() {
                 return;
             }
             let next_sync = last_sync + options.fsync_interval;
+            let waiting = syncing.is_none() && synced < written;
             tokio::select! {
                 _ = hub.wait_assigned(written) => {}
-                _ = hub.sync_wanted(), if synced < written => {}
-                _ = tokio::time::sleep_until(next_sync), if synced < written => {}
+                _ = hub.sync_wanted(), if waiting => {}
+                _ = tokio::time::sleep_until(next_sync), if waiting => {}
+                done = finished(&mut syncing), if syncing.is_some() => sync_done = Some(done),
                 _ = tokio::time::sleep_until(last_retention + RETENTION_EVERY) => {}
                 _ = stop.cancelled() => {}
             }
@@ -85,18 +113,28 @@ pub async fn write_log(
         let Some(mut owned) = writer.take() else {
             return;
         };
-        let policy = options.fsync;
-        let (owned, outcome) = tokio::task::spawn_blocking(move || {
-            // The write may stop short of the last batch (at a segment's
-            // end): the next round writes the rest. (end written, synced)
-            let wrote = !batches.is_empty();
-            let mut outcome = match wrote {
-                false => Ok((written, false)),
-                true => owned
-                    .write(&batches)
-                    .map(|end| (end, false))
-                    .map_err(RoundError::Write),
+        let done = sync_done.take();
+        let (owned, round, outcome) = tokio::task::spawn_blocking(move || {
+            let mut round = Round::default();
+            // A background fsync's result first: if it failed, nothing is
+            // written until the log is cut back (below).
+            let mut outcome = match done.map(|done| owned.finish_sync(done)) {
+                Some(Err(error)) => Err(RoundError::Write(error)),
+                Some(Ok(durable)) => {
+                    round.durable = Some(durable);
+                    Ok(())
+                }
+                None => Ok(()),
             };
+            // The write may stop short of the last batch (at a segment's
+            // end): the next round writes the rest.
+            let wrote = outcome.is_ok() && !batches.is_empty();
+            if wrote {
+                outcome = owned
+                    .write(&batches)
+                    .map(|_| round.wrote = true)
+                    .map_err(RoundError::Write);
+            }
             match outcome {
                 // Only this round's own write is undone (earlier ones are read).
                 Err(_) if wrote => {
@@ -105,18 +143,20 @@ pub async fn write_log(
                     }
                 }
                 Err(_) => {}
-                Ok((end, _)) if sync_due || policy == FsyncPolicy::Always => {
-                    outcome = owned
-                        .sync()
-                        .map(|()| (end, true))
-                        .map_err(RoundError::Write);
+                Ok(()) if sync_due && background => match owned.begin_sync() {
+                    Ok(job) => round.job = Some(job),
+                    Err(error) => outcome = Err(RoundError::Write(error)),
+                },
+                Ok(()) if sync_due || (wrote && policy == FsyncPolicy::Always) => {
+                    outcome = owned.sync().map_err(RoundError::Write);
+                    round.synced = outcome.is_ok();
                 }
-                Ok(_) => {}
+                Ok(()) => {}
             }
-            // An fsync failed (this round's, or the one a segment roll does):
-            // everything since the last good one is written again. Not with
-            // `--fsync never`: nothing waits for fsyncs there, so the ring
-            // does not keep what they cover.
+            // An fsync failed (this round's, a background one, or the one a
+            // segment roll does): everything since the last good one is
+            // written again. Not with `--fsync never`: nothing waits for
+            // fsyncs there, so the ring does not keep what they cover.
             if owned.take_sync_failed() && policy != FsyncPolicy::Never {
                 if let Err(RoundError::Write(error)) = outcome {
                     let from = owned.rewind_to_synced();
@@ -126,24 +166,36 @@ pub async fn write_log(
             if retention_due {
                 owned.apply_retention();
             }
-            (owned, outcome)
+            (owned, round, outcome)
         })
         .await
         .unwrap_or_else(|_| panic!("the log writer task panicked"));
+        let end = owned.end_sequence();
         writer = Some(owned);
         if retention_due {
             last_retention = Instant::now();
         }
+        // What a background fsync made durable counts even if this round's write failed.
+        if let Some(durable) = round.durable.filter(|_| policy != FsyncPolicy::Never) {
+            synced = synced.max(durable);
+            hub.mark_durable(synced);
+        }
         match outcome {
-            Ok((end, did_sync)) => {
+            Ok(()) => {
                 retry = RETRY_FIRST;
                 failing.send_if_modified(|reason| reason.take().is_some());
-                written = end;
-                hub.mark_written(written);
-                if did_sync || policy == FsyncPolicy::Never {
-                    if did_sync {
-                        last_sync = Instant::now();
-                    }
+                if round.wrote {
+                    written = end;
+                    hub.mark_written(written);
+                }
+                if let Some(job) = round.job {
+                    last_sync = Instant::now();
+                    syncing = Some(tokio::task::spawn_blocking(move || job.run()));
+                }
+                if round.synced {
+                    last_sync = Instant::now();
+                }
+                if round.synced || policy == FsyncPolicy::Never {
                     synced = written;
                     hub.mark_durable(synced);
                 }
@@ -151,6 +203,7 @@ pub async fn write_log(
             Err(error) => {
                 if let RoundError::Sync { from, .. } = error {
                     written = from;
+                    synced = synced.min(from);
                 }
                 hub.metrics.log_write_errors.inc();
                 tracing::error!(%error, retry = ?retry, "log write failed; ingest pauses until it succeeds");
@@ -164,4 +217,29 @@ pub async fn write_log(
             }
         }
     }
+}
+
+/// What one round of the writer did.
+#[derive(Default)]
+struct Round {
+    /// It wrote batches (the log's new end is the writer's end sequence).
+    wrote: bool,
+    /// It fsynced everything written, on the writer's thread.
+    synced: bool,
+    /// A background fsync it took the result of made the log durable to here.
+    durable: Option<u64>,
+    /// The background fsync it started.
+    job: Option<SyncJob>,
+}
+
+/// The result of the background fsync in `syncing`, which must be running.
+async fn finished(syncing: &mut Option<JoinHandle<SyncDone>>) -> SyncDone {
+    let Some(handle) = syncing.as_mut() else {
+        return std::future::pending().await;
+    };
+    let done = handle
+        .await
+        .unwrap_or_else(|_| panic!("the log's fsync task panicked"));
+    *syncing = None;
+    done
 }

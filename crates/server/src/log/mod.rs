@@ -556,6 +556,52 @@ impl LogRead {
     }
 }
 
+/// Where an fsync started: the active segment (its first sequence), its
+/// length and end sequence then.
+#[derive(Clone, Copy, Debug)]
+struct SyncPoint {
+    segment: u64,
+    len: u64,
+    end_sequence: u64,
+}
+
+/// An fsync taken by `LogWriter::begin_sync`, to run on a blocking thread
+/// beside the writer: deliveries wait for writes, never for the disk.
+#[derive(Debug)]
+pub struct SyncJob {
+    file: File,
+    point: SyncPoint,
+    /// The range whose cached pages go once it is on disk (`drop_cached`).
+    release: (u64, u64),
+}
+
+/// What a `SyncJob` found, for `LogWriter::finish_sync`.
+#[derive(Debug)]
+pub struct SyncDone {
+    point: SyncPoint,
+    result: std::io::Result<()>,
+    released_to: u64,
+}
+
+impl SyncJob {
+    /// fsyncs, then releases the cached pages that are now on disk.
+    pub fn run(self) -> SyncDone {
+        let result = self.file.sync_data();
+        let released_to = match result {
+            Ok(()) => {
+                segment::drop_cached(&self.file, self.release.0, self.release.1);
+                self.release.1
+            }
+            Err(_) => self.release.0,
+        };
+        SyncDone {
+            point: self.point,
+            result,
+            released_to,
+        }
+    }
+}
+
 /// The only writer of the log, owned by the hub's writer task.
 pub struct LogWriter {
     log: Arc<Log>,
@@ -663,6 +709,64 @@ impl LogWriter {
         }
         self.synced = (self.active.len, self.active.end_sequence);
         Ok(())
+    }
+
+    /// Whether the next `write` starts a new segment (which fsyncs the
+    /// active one first, on the writer's thread).
+    pub fn needs_roll(&self) -> bool {
+        self.active.len >= self.log.options.segment_bytes
+    }
+
+    /// Starts an fsync of everything written so far that runs on its own
+    /// thread (`SyncJob::run`) while this writer goes on appending; hand
+    /// its result to `finish_sync`. The caller must not `write` a segment
+    /// roll while it runs (`needs_roll`): a roll's own fsync succeeding
+    /// would hide this one failing.
+    pub fn begin_sync(&mut self) -> std::io::Result<SyncJob> {
+        let file = self.active.sync_handle()?;
+        Ok(SyncJob {
+            file,
+            point: SyncPoint {
+                segment: self.active.first_sequence,
+                len: self.active.len,
+                end_sequence: self.active.end_sequence,
+            },
+            release: (
+                self.active.released(),
+                self.active.len.saturating_sub(segment::CACHED_TAIL),
+            ),
+        })
+    }
+
+    /// Takes the result of a `SyncJob`: on success returns the sequence up
+    /// to which the log is now durable. On failure it is as if `sync` had
+    /// failed (`take_sync_failed`, then `rewind_to_synced`).
+    pub fn finish_sync(&mut self, done: SyncDone) -> std::io::Result<u64> {
+        #[cfg(test)]
+        if self
+            .failing_syncs
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |left| left.checked_sub(1),
+            )
+            .is_ok()
+        {
+            self.active.flush()?;
+            self.active.lose_bytes_after(self.synced.0)?;
+            self.sync_failed = true;
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        if let Err(error) = done.result {
+            self.sync_failed = true;
+            return Err(error);
+        }
+        let point = done.point;
+        if point.segment == self.active.first_sequence && point.len >= self.synced.0 {
+            self.synced = (point.len, point.end_sequence);
+            self.active.note_released(done.released_to);
+        }
+        Ok(point.end_sequence)
     }
 
     /// Whether an fsync failed since the last call: then what was written

@@ -292,6 +292,24 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// For an fsync on another thread while appends go on: everything
+    /// appended so far handed to the kernel, and a second handle on the file
+    /// (an fsync through it covers what was written before it started).
+    pub fn sync_handle(&mut self) -> std::io::Result<File> {
+        self.flush()?;
+        self.log.try_clone()
+    }
+
+    /// Where the page cache was released up to (`release_cached`).
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// Records that another handle released the cached pages up to `end`.
+    pub fn note_released(&mut self, end: u64) {
+        self.released = self.released.max(end);
+    }
+
     /// Releases the cached pages of bytes up to `end` (`drop_cached`). Only
     /// written and synced bytes: dirty pages would not go.
     pub fn release_cached(&mut self, end: u64) {

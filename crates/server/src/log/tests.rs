@@ -339,3 +339,61 @@ fn a_segment_that_ends_before_the_next_one_begins_reports_the_difference() {
     let expected: Vec<u64> = (1..end).chain(end + 5..end + 9).collect();
     assert_eq!((sequences, skipped), (expected, 5));
 }
+
+/// An fsync running beside the writer covers what was written before it
+/// began, never what the writer appended meanwhile; if it fails, the log is
+/// cut back to the last good fsync, including what was appended meanwhile.
+#[test]
+fn a_background_fsync_covers_only_what_preceded_it_and_its_failure_rewinds() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut opened = Log::open(options(dir.path()), Metrics::new()).expect("log opens");
+    let writer = &mut opened.writer;
+    let first_end = fill(writer, 3, 4, 100);
+    let job = writer.begin_sync().expect("begins");
+    let later_end = fill(writer, 2, 4, 100);
+    assert!(later_end > first_end);
+    let durable = writer.finish_sync(job.run()).expect("fsync succeeds");
+    assert_eq!(durable, first_end, "durable up to where the fsync began");
+
+    let job = writer.begin_sync().expect("begins");
+    let appended = fill(writer, 2, 4, 100);
+    writer
+        .failing_syncs
+        .store(1, std::sync::atomic::Ordering::Release);
+    writer
+        .finish_sync(job.run())
+        .expect_err("the injected failure");
+    assert!(writer.take_sync_failed());
+    assert_eq!(writer.rewind_to_synced(), first_end);
+    assert_eq!(writer.end_sequence(), first_end);
+    let (sequences, skipped) = read_all(&opened.log, 1);
+    assert_eq!((sequences, skipped), ((1..first_end).collect(), 0));
+    assert!(appended > later_end);
+}
+
+/// A background fsync that finishes after a segment roll (which fsyncs the
+/// old segment itself) does not move the new segment's synced point.
+#[test]
+fn a_background_fsync_of_a_closed_segment_leaves_the_new_segment_alone() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut opened = Log::open(options(dir.path()), Metrics::new()).expect("log opens");
+    let writer = &mut opened.writer;
+    fill(writer, 1, 4, 100);
+    let job = writer.begin_sync().expect("begins");
+    // 64 KiB segments: write until a write starts a new one.
+    let mut new_segment_start = None;
+    for _ in 0..1_000 {
+        let before = writer.end_sequence();
+        let rolls = writer.needs_roll();
+        fill(writer, 1, 8, 1_000);
+        if rolls {
+            new_segment_start = Some(before);
+            break;
+        }
+    }
+    let start = new_segment_start.expect("a segment rolled");
+    fill(writer, 1, 4, 100);
+    writer.finish_sync(job.run()).expect("fsync succeeds");
+    // Cut back to the last good fsync: the roll's, at the new segment's start.
+    assert_eq!(writer.rewind_to_synced(), start);
+}
