@@ -11,8 +11,10 @@ with its default, `catch-up`):
   - jetstream:  nats-server -js (file store), acked publishes, ordered consumer,
   - catch-up:   a --data-dir server filled with CATCHUP_PACKETS packets of 1 KiB;
                 a live run alone, then the same live run with a subscriber
-                reading the whole log from sequence 1 (rust_subscriber) started
-                1 s in: its rate of log read, and the live rate beside it,
+                reading CATCHUP_PACKETS from sequence 1 (rust_subscriber)
+                started 1 s in: its rate of log read, and the live rate beside
+                it; once with live traffic as fast as it goes, once paced at
+                LIVE_RATE (then also the live latency with and without),
   - start-up:   a log of START_LOG_GIB GiB (64 KiB packets), then kill -9 and
                 START_RESTARTS restarts: exec to the "listening" line.
 Disk writes during each packet-ingest run come from /proc/diskstats (all
@@ -24,6 +26,7 @@ usage: bench/durable.py      (from anywhere; about 3 minutes on 2 cores, plus th
 Environment (defaults in brackets):
   DURATION [10s]           length of each throughput and live run
   CATCHUP_PACKETS [1048576]  packets in the log the catch-up subscriber reads
+  LIVE_RATE [100000]       packets/s of the paced live traffic beside a catch-up
   START_LOG_GIB [4]        size of the log for the start-up case
   START_RESTARTS [3]
   SCRATCH [the repo's target/]  where data directories go (a real disk, not tmpfs)
@@ -51,12 +54,14 @@ from benchlib import ROOT, cilib, log, setting
 
 DURATION = setting("DURATION", "10s")
 CATCHUP_PACKETS = int(setting("CATCHUP_PACKETS", "1048576"))
+LIVE_RATE = int(setting("LIVE_RATE", "100000"))
 START_LOG_GIB = int(setting("START_LOG_GIB", "4"))
 START_RESTARTS = int(setting("START_RESTARTS", "3"))
 SCRATCH = Path(setting("SCRATCH", str(ROOT / "target")))
 OUT = ROOT / setting("OUT", "BENCHMARKS.md")
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "target" / "bench-durable")
 SUBSCRIBER = None  # the rust_subscriber example, built next to the binaries
+BENCH = None  # the benchlib.Bench of this run
 FACTS = {}
 
 
@@ -164,46 +169,57 @@ def catch_up(bench, scratch):
         # catch-up subscriber's packets into bytes of log it read.
         log_bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         fact("catch_up.log_bytes_per_packet", f"{log_bytes / CATCHUP_PACKETS:.1f}")
-        # Let the fill's writes reach the disk, so the live runs start alike.
-        subprocess.run(["sync"])
-        bench_run(bench, "live-alone", server, "--duration", DURATION)
-        subprocess.run(["sync"])
-        read_before = metric(server, "packet_ingest_log_read_bytes_total")
-        argv = [SUBSCRIBER, "--addr", f"http://{server.grpc}", "--from", "1", "--count", str(CATCHUP_PACKETS),
-                "--quiet", "--no-gaps", "--timeout", "300"]
-        seconds = int(DURATION.rstrip("s"))
-        live = subprocess.Popen([benchlib.BENCH_BIN, "--json", "--quiet", "--server-pid", str(server.pid),
-                                 "--ingest-addr", server.ingest, "--grpc-addr", server.grpc, "--size", "1KiB",
-                                 "--duration", DURATION],
-                                stdout=open(RESULTS / "live-with-catch-up.json", "w"),
-                                stderr=open(RESULTS / "live-with-catch-up.err", "w"),
-                                env=dict(os.environ, RUST_LOG="warn"))
-        time.sleep(1)
-        t0 = time.monotonic()
-        busy_before = benchlib.machine_busy_seconds()
-        disk_before = (disk_bytes(5), disk_bytes(9))
-        # Only waited-for children count: the catch-up client, not the live bench still running.
-        child_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        catcher = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=open(RESULTS / "catch-up.err", "w"),
-                                 timeout=seconds + 300)
-        elapsed = time.monotonic() - t0
-        child_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy = benchlib.machine_busy_seconds() - busy_before
-        disk_read, disk_written = disk_bytes(5) - disk_before[0], disk_bytes(9) - disk_before[1]
-        client = (child_after.ru_utime + child_after.ru_stime) - (child_before.ru_utime + child_before.ru_stime)
-        read = metric(server, "packet_ingest_log_read_bytes_total") - read_before
-        live.wait(timeout=seconds + 120)
-        fact("catch_up.rc", catcher.returncode)
-        fact("catch_up.packets", CATCHUP_PACKETS)
-        fact("catch_up.seconds", f"{elapsed:.2f}")
-        fact("catch_up.log_read_bytes", int(read))
-        fact("catch_up.own_mb_per_s", f"{CATCHUP_PACKETS * log_bytes / CATCHUP_PACKETS / elapsed / 1e6:.0f}")
-        fact("catch_up.client_cores", f"{client / elapsed:.2f}")
-        fact("catch_up.machine_busy_cores", f"{busy / elapsed:.2f}")
-        fact("catch_up.disk_read_mb_per_s", f"{disk_read / elapsed / 1e6:.0f}")
-        fact("catch_up.disk_write_mb_per_s", f"{disk_written / elapsed / 1e6:.0f}")
-        fact("catch_up.overlapped_live", "yes" if elapsed < seconds - 1 else "no (it outlasted the live run)")
+        # Live traffic as fast as the machine takes it, then paced at LIVE_RATE
+        # (room left for the catch-up; its latency shows what the catch-up costs it).
+        catch_up_beside_live(server, log_bytes, "", [])
+        catch_up_beside_live(server, log_bytes, "paced-", ["--rate", str(LIVE_RATE)])
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def catch_up_beside_live(server, log_bytes, prefix, live_args):
+    """A live run alone, then the same with a subscriber reading CATCHUP_PACKETS
+    from sequence 1 started 1 s in. Facts under `{prefix}catch_up.`; bench
+    results `{prefix}live-alone` and `{prefix}live-with-catch-up`."""
+    key = prefix.replace("-", "_") + "catch_up"
+    # Let earlier writes reach the disk, so the live runs start alike.
+    subprocess.run(["sync"])
+    bench_run(BENCH, f"{prefix}live-alone", server, "--duration", DURATION, *live_args)
+    subprocess.run(["sync"])
+    read_before = metric(server, "packet_ingest_log_read_bytes_total")
+    argv = [SUBSCRIBER, "--addr", f"http://{server.grpc}", "--from", "1", "--count", str(CATCHUP_PACKETS),
+            "--quiet", "--no-gaps", "--timeout", "300"]
+    seconds = int(DURATION.rstrip("s"))
+    live = subprocess.Popen([benchlib.BENCH_BIN, "--json", "--quiet", "--server-pid", str(server.pid),
+                             "--ingest-addr", server.ingest, "--grpc-addr", server.grpc, "--size", "1KiB",
+                             "--duration", DURATION, *live_args],
+                            stdout=open(RESULTS / f"{prefix}live-with-catch-up.json", "w"),
+                            stderr=open(RESULTS / f"{prefix}live-with-catch-up.err", "w"),
+                            env=dict(os.environ, RUST_LOG="warn"))
+    time.sleep(1)
+    t0 = time.monotonic()
+    busy_before = benchlib.machine_busy_seconds()
+    disk_before = (disk_bytes(5), disk_bytes(9))
+    # Only waited-for children count: the catch-up client, not the live bench still running.
+    child_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    catcher = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=open(RESULTS / f"{prefix}catch-up.err", "w"),
+                             timeout=seconds + 300)
+    elapsed = time.monotonic() - t0
+    child_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = benchlib.machine_busy_seconds() - busy_before
+    disk_read, disk_written = disk_bytes(5) - disk_before[0], disk_bytes(9) - disk_before[1]
+    client = (child_after.ru_utime + child_after.ru_stime) - (child_before.ru_utime + child_before.ru_stime)
+    read = metric(server, "packet_ingest_log_read_bytes_total") - read_before
+    live.wait(timeout=seconds + 120)
+    fact(f"{key}.rc", catcher.returncode)
+    fact(f"{key}.packets", CATCHUP_PACKETS)
+    fact(f"{key}.seconds", f"{elapsed:.2f}")
+    fact(f"{key}.log_read_bytes", int(read))
+    fact(f"{key}.own_mb_per_s", f"{log_bytes / elapsed / 1e6:.0f}")
+    fact(f"{key}.client_cores", f"{client / elapsed:.2f}")
+    fact(f"{key}.machine_busy_cores", f"{busy / elapsed:.2f}")
+    fact(f"{key}.disk_read_mb_per_s", f"{disk_read / elapsed / 1e6:.0f}")
+    fact(f"{key}.disk_write_mb_per_s", f"{disk_written / elapsed / 1e6:.0f}")
+    fact(f"{key}.overlapped_live", "yes" if elapsed < seconds - 1 else "no (it outlasted the live run)")
 
 
 def listening_delay(log_path, exec_wall):
@@ -243,7 +259,7 @@ def start_up(bench, scratch):
 
 
 def main():
-    global SUBSCRIBER
+    global SUBSCRIBER, BENCH
     started = time.time()
     shutil.rmtree(RESULTS, ignore_errors=True)
     RESULTS.mkdir(parents=True)
@@ -253,7 +269,7 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "packet-ingest-protocol", "--example",
                         "rust_subscriber"], cwd=ROOT, stdout=sys.stderr, check=True)
         SUBSCRIBER = str(ROOT / "target" / "release" / "examples" / "rust_subscriber")
-    bench = benchlib.Bench(RESULTS)
+    bench = BENCH = benchlib.Bench(RESULTS)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-durable.", dir=SCRATCH) as scratch:
         fact("disk.write_mb_per_s", f"{disk_speed(scratch):.0f}")
@@ -266,7 +282,7 @@ def main():
                                                   " plus uncommitted source changes"),
                            nats=benchlib.version(["nats-server", "--version"]),
                            settings=f"DURATION={DURATION} CATCHUP_PACKETS={CATCHUP_PACKETS} "
-                                    f"START_LOG_GIB={START_LOG_GIB} START_RESTARTS={START_RESTARTS}")
+                                    f"LIVE_RATE={LIVE_RATE} START_LOG_GIB={START_LOG_GIB} START_RESTARTS={START_RESTARTS}")
     report.render("durable", RESULTS, OUT)
     log(f"done in {time.time() - started:.0f} s; raw results in {RESULTS}")
 
