@@ -5,7 +5,8 @@ subscriber; lossless: memory mode with `--slow-subscriber block`, --data-dir
 with its default, `catch-up`):
   - disk:       what the data directory's filesystem takes, sequential writes
                 with an fsync every 64 MiB (the physical bound of a log),
-  - memory:     packet-ingest without --data-dir,
+  - memory:     packet-ingest without --data-dir (and its latency paced at
+                LIVE_RATE, the baseline of the paced catch-up case),
   - data-dir:   packet-ingest with --data-dir and the default --fsync interval,
                 on an empty log, then a second run on the log the first left,
   - jetstream:  nats-server -js (file store), acked publishes, ordered consumer,
@@ -134,6 +135,8 @@ def data_dir_server(name, directory, *args):
 def throughput(bench, scratch):
     with benchlib.PacketIngest(RESULTS / "memory.server.log", "--slow-subscriber", "block") as server:
         bench_run(bench, "memory", server, "--duration", DURATION)
+        # The latency of memory mode at the paced catch-up case's live rate, beside it.
+        bench_run(bench, "memory-paced", server, "--duration", DURATION, "--rate", str(LIVE_RATE))
     directory = Path(scratch) / "throughput"
     with data_dir_server("data-dir", directory) as server:
         bench_run(bench, "data-dir", server, "--duration", DURATION)

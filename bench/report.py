@@ -694,7 +694,11 @@ def catch_up_table(w, results, facts, machine, prefix):
     w(f"| live with the catch-up | {si(b)} pkts/s ({loss(beside)}), {fmt_ratio(ratio(b, a))} of alone | ≥ 0.9×: "
       f"{verdict(None if ratio(b, a) is None else ratio(b, a) >= 0.9)} |")
     if latency(alone, "p50") is not None:
-        for r, label in ((alone, "live alone: latency"), (beside, "live with the catch-up: latency")):
+        rows = [(alone, "live alone: latency"), (beside, "live with the catch-up: latency")]
+        memory_paced = read_json(results, "memory-paced")
+        if memory_paced is not None:
+            rows.append((memory_paced, f"memory mode, same rate, no catch-up: latency ({loss(memory_paced)})"))
+        for r, label in rows:
             w(f"| {label} | p50 {us(latency(r, 'p50'))}, p99 {us(latency(r, 'p99'))}, "
               f"p99.9 {us(latency(r, 'p999'))}, max {us(latency(r, 'max'))} | |")
     w(f"| while the catch-up ran | the catch-up client used {facts.get(f'{key}.client_cores', 'n/a')} cores; "

@@ -603,6 +603,60 @@ async fn a_failed_sync_with_nothing_new_to_write_rewrites_what_it_covered() {
     assert_eq!((firsts, read.skipped), (vec![1, 11], 0));
 }
 
+/// With `--fsync interval` a slow fsync does not hold deliveries: a batch
+/// numbered while one runs is written and delivered before it ends, and
+/// made durable once it does (the fsync once ran in the writer's round, so
+/// every batch numbered meanwhile waited for the disk).
+#[tokio::test]
+async fn a_slow_fsync_does_not_hold_deliveries() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut options = log_options(dir.path());
+    options.fsync = crate::log::FsyncPolicy::Interval;
+    options.fsync_interval = Duration::from_millis(1);
+    let opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
+    let gate = Arc::clone(&opened.writer.sync_gate);
+    gate.hold();
+    // Released however the test ends: a held fsync would keep the runtime
+    // from shutting down after a failed assertion.
+    struct Release(Arc<crate::log::SyncGate>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let _release = Release(Arc::clone(&gate));
+    let hub = Hub::with_log(
+        hub_config(SlowSubscriberPolicy::CatchUp, 1 << 20, 64 << 20, 1 << 20),
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    let (stop, writer) = spawn_writer(&hub, opened.writer);
+    let (mut subscriber, _connection) = subscribe_closable(&hub, None);
+    let within = Duration::from_secs(10);
+    hub.publish(batch(&[1; 10], 100)).await;
+    tokio::time::timeout(within, gate.reached.notified())
+        .await
+        .expect("an fsync of the first batch started");
+    hub.publish(batch(&[1; 10], 100)).await;
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.extend(sequences(next_delivery(&mut subscriber).await).1);
+    }
+    assert_eq!(got, (1..21).collect::<Vec<u64>>());
+    assert!(
+        *hub.durable().borrow() < 21,
+        "nothing past the held fsync is durable yet"
+    );
+    gate.release();
+    wait_durable(&hub, 21).await;
+    stop.cancel();
+    tokio::time::timeout(within, writer)
+        .await
+        .expect("the writer finishes in time")
+        .expect("writer ends");
+}
+
 /// After a failed fsync the pages it should have written may be gone, and a
 /// later fsync that succeeds would not say so: everything since the last good
 /// fsync is written again, from the ring, which keeps batches until they are

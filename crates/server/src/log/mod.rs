@@ -272,6 +272,8 @@ impl Log {
             active: writer_segment,
             #[cfg(test)]
             failing_syncs: Arc::default(),
+            #[cfg(test)]
+            sync_gate: Arc::default(),
         };
         Ok(Opened {
             log,
@@ -573,6 +575,8 @@ pub struct SyncJob {
     point: SyncPoint,
     /// The range whose cached pages go once it is on disk (`drop_cached`).
     release: (u64, u64),
+    #[cfg(test)]
+    gate: Arc<SyncGate>,
 }
 
 /// What a `SyncJob` found, for `LogWriter::finish_sync`.
@@ -586,6 +590,8 @@ pub struct SyncDone {
 impl SyncJob {
     /// fsyncs, then releases the cached pages that are now on disk.
     pub fn run(self) -> SyncDone {
+        #[cfg(test)]
+        self.gate.pass();
         let result = self.file.sync_data();
         let released_to = match result {
             Ok(()) => {
@@ -618,6 +624,52 @@ pub struct LogWriter {
     /// Tests: how many of the next syncs fail (as fsync can, with EIO).
     #[cfg(test)]
     pub failing_syncs: Arc<std::sync::atomic::AtomicU32>,
+    /// Tests: holds background fsyncs (`SyncJob::run`) as a slow disk would.
+    #[cfg(test)]
+    pub sync_gate: Arc<SyncGate>,
+}
+
+/// Tests: a gate every background fsync passes before it starts; `hold`
+/// keeps them waiting (a slow disk) until `release`.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct SyncGate {
+    held: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Notified each time an fsync reaches the gate.
+    pub reached: tokio::sync::Notify,
+}
+
+#[cfg(test)]
+impl SyncGate {
+    pub fn hold(&self) {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    }
+
+    pub fn release(&self) {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        self.reached.notify_one();
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *held {
+            held = self
+                .opened
+                .wait(held)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
 }
 
 impl LogWriter {
@@ -735,6 +787,8 @@ impl LogWriter {
                 self.active.released(),
                 self.active.len.saturating_sub(segment::CACHED_TAIL),
             ),
+            #[cfg(test)]
+            gate: Arc::clone(&self.sync_gate),
         })
     }
 
