@@ -197,7 +197,7 @@ def main():
                              '"grpcio", grpc.__version__)'], capture_output=True, text=True).stdout.strip()
     openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.split()[:2] \
         if shutil.which("openssl") else []
-    benchlib.write_machine(RESULTS, started, commit=benchlib.commit(),
+    benchlib.write_machine(RESULTS, started, commit=benchlib.commit(("crates", "proto", "bench", "Cargo.toml", "Cargo.lock")),
                            nats=benchlib.version(["nats-server", "--version"]),
                            python=python or "none", openssl=" ".join(openssl),
                            settings=f"DURATION={DURATION} PACED_DURATION={PACED_DURATION} RATE={RATE} "
