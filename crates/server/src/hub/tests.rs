@@ -484,6 +484,14 @@ fn open_log(dir: &std::path::Path) -> crate::log::Opened {
 
 /// Writes `batches` batches of `packets` packets of `size` bytes straight to
 /// the log, from its end; returns the sequence after them.
+/// A log with `--fsync interval` at `interval`.
+fn open_interval_log(dir: &std::path::Path, interval: Duration) -> crate::log::Opened {
+    let mut options = log_options(dir);
+    options.fsync = crate::log::FsyncPolicy::Interval;
+    options.fsync_interval = interval;
+    crate::log::Log::open(options, Metrics::new()).expect("log opens")
+}
+
 fn write_history(
     writer: &mut crate::log::LogWriter,
     batches: usize,
@@ -568,10 +576,7 @@ async fn batches_published_before_the_writer_starts_are_written_first() {
 #[tokio::test]
 async fn a_failed_sync_with_nothing_new_to_write_rewrites_what_it_covered() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut options = log_options(dir.path());
-    options.fsync = crate::log::FsyncPolicy::Interval;
-    options.fsync_interval = Duration::from_millis(200);
-    let opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
+    let opened = open_interval_log(dir.path(), Duration::from_millis(200));
     opened
         .writer
         .failing_syncs
@@ -610,10 +615,7 @@ async fn a_failed_sync_with_nothing_new_to_write_rewrites_what_it_covered() {
 #[tokio::test]
 async fn a_slow_fsync_does_not_hold_deliveries() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut options = log_options(dir.path());
-    options.fsync = crate::log::FsyncPolicy::Interval;
-    options.fsync_interval = Duration::from_millis(1);
-    let opened = crate::log::Log::open(options, Metrics::new()).expect("log opens");
+    let opened = open_interval_log(dir.path(), Duration::from_millis(1));
     let gate = Arc::clone(&opened.writer.sync_gate);
     gate.hold();
     // Released however the test ends: a held fsync would keep the runtime

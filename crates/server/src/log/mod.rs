@@ -740,27 +740,34 @@ impl LogWriter {
     /// Makes everything written survive a power loss.
     pub fn sync(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
-        if self
-            .failing_syncs
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |left| left.checked_sub(1),
-            )
-            .is_ok()
-        {
-            // As Linux may do: the pages of the failed writeback are lost.
-            self.active.flush()?;
-            self.active.lose_bytes_after(self.synced.0)?;
-            self.sync_failed = true;
-            return Err(std::io::Error::other("injected fsync failure"));
-        }
+        self.inject_sync_failure()?;
         if let Err(error) = self.active.sync() {
             self.sync_failed = true;
             return Err(error);
         }
         self.synced = (self.active.len, self.active.end_sequence);
         Ok(())
+    }
+
+    /// Tests: fails this fsync if `failing_syncs` says so, as Linux may
+    /// fail one: the pages of the failed writeback are lost.
+    #[cfg(test)]
+    fn inject_sync_failure(&mut self) -> std::io::Result<()> {
+        let fails = self
+            .failing_syncs
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |left| left.checked_sub(1),
+            )
+            .is_ok();
+        if !fails {
+            return Ok(());
+        }
+        self.active.flush()?;
+        self.active.lose_bytes_after(self.synced.0)?;
+        self.sync_failed = true;
+        Err(std::io::Error::other("injected fsync failure"))
     }
 
     /// Whether the next `write` starts a new segment (which fsyncs the
@@ -797,20 +804,7 @@ impl LogWriter {
     /// failed (`take_sync_failed`, then `rewind_to_synced`).
     pub fn finish_sync(&mut self, done: SyncDone) -> std::io::Result<u64> {
         #[cfg(test)]
-        if self
-            .failing_syncs
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |left| left.checked_sub(1),
-            )
-            .is_ok()
-        {
-            self.active.flush()?;
-            self.active.lose_bytes_after(self.synced.0)?;
-            self.sync_failed = true;
-            return Err(std::io::Error::other("injected fsync failure"));
-        }
+        self.inject_sync_failure()?;
         if let Err(error) = done.result {
             self.sync_failed = true;
             return Err(error);
