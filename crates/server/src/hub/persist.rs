@@ -188,12 +188,11 @@ pub async fn write_log(
                     written = end;
                     hub.mark_written(written);
                 }
-                if let Some(job) = round.job {
+                if round.synced || round.job.is_some() {
                     last_sync = Instant::now();
-                    syncing = Some(tokio::task::spawn_blocking(move || job.run()));
                 }
-                if round.synced {
-                    last_sync = Instant::now();
+                if let Some(job) = round.job {
+                    syncing = Some(tokio::task::spawn_blocking(move || job.run()));
                 }
                 if round.synced || policy == FsyncPolicy::Never {
                     synced = written;
@@ -203,7 +202,6 @@ pub async fn write_log(
             Err(error) => {
                 if let RoundError::Sync { from, .. } = error {
                     written = from;
-                    synced = synced.min(from);
                 }
                 hub.metrics.log_write_errors.inc();
                 tracing::error!(%error, retry = ?retry, "log write failed; ingest pauses until it succeeds");

@@ -584,6 +584,7 @@ pub struct SyncJob {
 pub struct SyncDone {
     point: SyncPoint,
     result: std::io::Result<()>,
+    /// Where the cached pages were released up to, if `result` is `Ok`.
     released_to: u64,
 }
 
@@ -593,17 +594,13 @@ impl SyncJob {
         #[cfg(test)]
         self.gate.pass();
         let result = self.file.sync_data();
-        let released_to = match result {
-            Ok(()) => {
-                segment::drop_cached(&self.file, self.release.0, self.release.1);
-                self.release.1
-            }
-            Err(_) => self.release.0,
-        };
+        if result.is_ok() {
+            segment::drop_cached(&self.file, self.release.0, self.release.1);
+        }
         SyncDone {
             point: self.point,
             result,
-            released_to,
+            released_to: self.release.1,
         }
     }
 }
@@ -790,10 +787,7 @@ impl LogWriter {
                 len: self.active.len,
                 end_sequence: self.active.end_sequence,
             },
-            release: (
-                self.active.released(),
-                self.active.len.saturating_sub(segment::CACHED_TAIL),
-            ),
+            release: (self.active.released(), self.active.release_after_sync()),
             #[cfg(test)]
             gate: Arc::clone(&self.sync_gate),
         })

@@ -288,8 +288,14 @@ impl SegmentWriter {
     pub fn sync(&mut self) -> std::io::Result<()> {
         self.flush()?;
         self.log.sync_data()?;
-        self.release_cached(self.written.saturating_sub(CACHED_TAIL));
+        self.release_cached(self.release_after_sync());
         Ok(())
+    }
+
+    /// Where the cached pages may go once what is written is on disk: all
+    /// but the newest `CACHED_TAIL` bytes.
+    pub fn release_after_sync(&self) -> u64 {
+        self.written.saturating_sub(CACHED_TAIL)
     }
 
     /// For an fsync on another thread while appends go on: everything
