@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Flags: `--bin PATH` server binary (default `target/release/packet-ingest` of
-//! this crate); `--scenario NAME` (repeatable, default all); `--clients N`
+//! the workspace); `--scenario NAME` (repeatable, default all); `--clients N`
 //! (overrides each scenario's default N); `--server-arg ARG` (repeatable) and
 //! everything after `--` are appended to every server command line;
 //! `--scenario-timeout SECS` bounds each scenario (default 90); `--json` prints
@@ -101,7 +101,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 #[command(about = "Measure what hostile clients do to a packet-ingest server")]
 struct Args {
     /// Server binary to spawn.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/packet-ingest"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/packet-ingest"))]
     bin: PathBuf,
     /// Run only these scenarios (repeat the flag); all when absent.
     #[arg(long = "scenario")]
