@@ -8,7 +8,11 @@ loopback, every server with --slow-subscriber block):
                 subscriber on replica B,
 for 1 KiB and 64 B unpaced throughput and for 1 KiB paced at RATE (latency);
 and, for the latency tail's origin, JetStream on its own paced at RATE with the
-same client (acked publishes, an ordered consumer).
+same client (acked publishes, an ordered consumer). Two bounds from the same
+run: JetStream's own ceiling (alone, 64 KiB messages, unpaced), which cluster
+mode cannot exceed since every packet goes through it; and what this machine's
+kernel charges per byte written into fresh page cache, which nats-server's
+file store pays for every byte it stores.
 Every case gets its own nats-server with a fresh JetStream store directory
 and its own stream name, so no run sees another's data. nats-server's CPU is
 read from /proc/PID/stat around each run, beside the replicas' (the bench's
@@ -32,6 +36,7 @@ Environment (defaults in brackets):
 
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -144,6 +149,32 @@ def run_case(bench, scratch, name, setup, *args):
         (RESULTS / f"{name}.meta").write_text("".join(line + "\n" for line in meta))
 
 
+# JetStream's own ceiling is measured with messages this large: its cost per
+# message then hardly counts, only its cost per byte.
+CEILING_SIZE = "64KiB"
+
+
+def page_cache_cost(directory):
+    """System CPU (ns per byte) and MB/s of writing 1 GiB in 4 MiB writes into
+    a new file: every page is a fresh page-cache page, as in a file store that
+    keeps what it writes cached (nats-server's). Then fsync and delete."""
+    path = Path(directory) / "page-cache.tmp"
+    chunk = os.urandom(4 << 20)
+    count = 256
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    started = time.monotonic()
+    with open(path, "wb") as f:
+        for _ in range(count):
+            f.write(chunk)
+        f.flush()
+        elapsed = time.monotonic() - started
+        system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+        os.fsync(f.fileno())
+    path.unlink()
+    written = count * len(chunk)
+    return system * 1e9 / written, written / elapsed / 1e6
+
+
 def main():
     started = time.time()
     shutil.rmtree(RESULTS, ignore_errors=True)
@@ -154,6 +185,8 @@ def main():
         sys.exit("nats-server is needed for cluster mode")
     bench = benchlib.Bench(RESULTS)
     with tempfile.TemporaryDirectory(prefix="bench-cluster.") as scratch:
+        ns_per_byte, mb_per_s = page_cache_cost(scratch)
+        log(f"  fresh page cache: {ns_per_byte:.2f} ns of system CPU per byte, {mb_per_s:.0f} MB/s")
         for prefix, args in (("1k", ["--size", "1KiB", "--duration", DURATION]),
                              ("64", ["--size", "64", "--duration", DURATION]),
                              ("paced", ["--size", "1KiB", "--rate", RATE, "--duration", PACED_DURATION])):
@@ -162,6 +195,9 @@ def main():
         # Where a latency tail comes from: JetStream on its own, paced alike.
         run_case(bench, scratch, "paced-jetstream", "jetstream", "--size", "1KiB", "--rate", RATE,
                  "--duration", PACED_DURATION)
+        # The most JetStream itself delivers here: large messages, unpaced.
+        run_case(bench, scratch, "ceiling-jetstream", "jetstream", "--size", CEILING_SIZE,
+                 "--duration", DURATION)
 
     # Only changes to what the binary is built from count (not this run's own edit of BENCHMARKS.md).
     benchlib.write_machine(RESULTS, started,
@@ -169,7 +205,10 @@ def main():
                                                   " plus uncommitted source changes"),
                            nats=benchlib.version(["nats-server", "--version"]),
                            settings=f"DURATION={DURATION} PACED_DURATION={PACED_DURATION} RATE={RATE} "
-                                    f"DRAIN_TIMEOUT={DRAIN_TIMEOUT}")
+                                    f"DRAIN_TIMEOUT={DRAIN_TIMEOUT}",
+                           ceiling_size=CEILING_SIZE,
+                           page_cache_ns_per_byte=f"{ns_per_byte:.3f}",
+                           page_cache_mb_per_s=f"{mb_per_s:.0f}")
     report.render("cluster", RESULTS, OUT)
     log(f"done in {time.time() - started:.0f} s; raw results in {RESULTS}")
 

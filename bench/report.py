@@ -489,6 +489,20 @@ def cluster_section(results):
         r = load(case)
         return r if r is not None and r["complete"] and first(meta(case), "rc") == "0" else None
 
+    def nats_seconds(case):
+        value = first(meta(case), "nats_s")
+        return float(value) if value not in (None, "") else None
+
+    def nats_cores_of(case, r):
+        seconds, wall = nats_seconds(case), (r or {}).get("cpu", {}).get("wall_s")
+        return None if seconds is None or not wall else seconds / wall
+
+    def nats_us_per_packet(case, r):
+        seconds = nats_seconds(case)
+        if seconds is None or r is None or not r["sent"]["packets"]:
+            return None
+        return seconds * 1e6 / r["sent"]["packets"]
+
     lines = []
     w = lines.append
     w("## Cluster mode vs single process (`bench/cluster.py`)")
@@ -550,6 +564,77 @@ def cluster_section(results):
           f"consumer, its own nats-server and file store, one message per packet): {figures}. Compare the "
           "cluster columns above, where the replicas store one JetStream message per batch.")
         w("")
+
+    ceiling = usable("ceiling-jetstream")
+    single_mb = figure(usable("1k-single"), "mb") if usable("1k-single") else None
+    two_mb = figure(usable("1k-cluster-2"), "mb") if usable("1k-cluster-2") else None
+    ceiling_ratio = None
+    if ceiling is not None or meta("ceiling-jetstream"):
+        size = machine.get("ceiling_size", "64KiB").replace("KiB", " KiB")
+        if ceiling is None:
+            w(f"**JetStream's own ceiling**: n/a: {status('ceiling-jetstream')}.")
+        else:
+            ceiling_mb = figure(ceiling, "mb")
+            nats_cores = nats_cores_of("ceiling-jetstream", ceiling)
+            ceiling_ratio = ceiling_mb / single_mb if single_mb else None
+            w(f"**JetStream's own ceiling.** JetStream alone, {size} messages, unpaced, same client (acked "
+              f"pipelined publishes, an ordered consumer): {ceiling_mb:,.0f} MB/s, nats-server at "
+              f"{'n/a' if nats_cores is None else f'{nats_cores:.2f}'} cores, the client at "
+              f"{ceiling['cpu'].get('bench_cores') or 0:.2f}. Cluster mode stores every packet in JetStream and "
+              f"reads it back through a consumer, so on this machine it cannot deliver more than that: "
+              f"{'n/a' if ceiling_ratio is None else f'{ceiling_ratio:.2f}×'} of the single process's 1 KiB "
+              f"MB/s{'' if single_mb is None else f' (0.5× would be {single_mb / 2:,.0f} MB/s)'}. The 1 KiB "
+              f"2-replica case delivered {'n/a' if two_mb is None else f'{two_mb / ceiling_mb:.0%}'} of this ceiling.")
+        w("")
+    page_ns = machine.get("page_cache_ns_per_byte")
+    page_mb = machine.get("page_cache_mb_per_s")
+    if page_ns:
+        w(f"**The page cache's price.** Writing 1 GiB into a new file on the store's filesystem (4 MiB writes, "
+          f"every page a fresh page-cache page, as in nats-server's file store, which keeps what it writes "
+          f"cached) took {float(page_ns):.2f} ns of system CPU per byte ({page_mb} MB/s) in this run.")
+        w("")
+
+    # The issue's "today": nats-server CPU per packet sent in the run of edf8353 (2026-11-28), the
+    # 2-replica cases: 1.02 cores at 93.4 k pkts/s (1 KiB) and 1.07 cores at 137 k pkts/s (64 B).
+    issue_nats_us = {"1k": 1.02e6 / 93.4e3, "64": 1.07e6 / 137e3}
+    w("### Targets (issue 15)")
+    w("")
+    w("| target | measured | verdict |")
+    w("|---|---|---|")
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+    for prefix, label, goal in (("1k", "1 KiB", 0.5), ("64", "64 B", 0.3)):
+        single, two = usable(f"{prefix}-single"), usable(f"{prefix}-cluster-2")
+        ratio = figure(two, "pkts") / figure(single, "pkts") if single and two else None
+        bound = ""
+        if prefix == "1k" and ceiling_ratio is not None:
+            bound = f" (JetStream's own ceiling here: {ceiling_ratio:.2f}×)"
+        w(f"| {label}, 2 replicas: ≥ {goal}× single process | "
+          f"{'n/a' if ratio is None else f'{ratio:.2f}×'}{bound} | {verdict(None if ratio is None else ratio >= goal)} |")
+    paced = usable("paced-cluster-2")
+    p99 = latency(paced, "p99")
+    js = usable("paced-jetstream")
+    js_p99 = latency(js, "p99")
+    w(f"| paced {int(paced_rate(machine)):,} pkts/s, 1 KiB, 2 replicas: p99 < 5 ms | "
+      f"{'n/a' if p99 is None else us(p99)} (JetStream alone, one message per packet: "
+      f"{'n/a' if js_p99 is None else us(js_p99)}) | {verdict(None if p99 is None else p99 < 5000)} |")
+    for prefix, label in (("1k", "1 KiB"), ("64", "64 B")):
+        r = usable(f"{prefix}-cluster-2")
+        nats = nats_us_per_packet(f"{prefix}-cluster-2", r)
+        ratio = None if nats is None else nats / issue_nats_us[prefix]
+        floor = ""
+        if page_ns and r is not None:
+            per_packet = r["wire"]["bytes_per_delivered_packet"]
+            least = float(page_ns) * per_packet / 1000
+            floor = (f"; storing ~{per_packet:,.0f} B per packet into fresh page cache alone costs "
+                     f"{least:.2f} µs = {least / issue_nats_us[prefix]:.2f}× of it")
+        w(f"| nats-server CPU per packet, {label}, 2 replicas: ≤ 0.2× the issue's "
+          f"({issue_nats_us[prefix]:.1f} µs, run of edf8353) | "
+          f"{'n/a' if nats is None else f'{nats:.2f} µs = {ratio:.2f}×'}{floor} | "
+          f"{verdict(None if ratio is None else ratio <= 0.2)} |")
+    w("")
 
     w("### Every run: completeness, CPU, problems")
     w("")
