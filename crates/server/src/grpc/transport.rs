@@ -72,7 +72,11 @@ pub struct TransportConfig {
 }
 
 /// Per-stream receive window: what a client may send before we read it.
-const STREAM_WINDOW: u32 = 256 * 1024;
+/// As large as the connection's, so a producer's one Publish stream can use
+/// the whole of it: at 256 KiB a Publish upload of 1 KiB packets stalled on
+/// window updates (median of alternating runs: 495 k pkts/s against 626 k
+/// with 1 MiB), and what one connection can park unread stays 1 MiB.
+const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Per-connection receive window, shared by its streams.
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Largest HTTP/2 frame a client may send (RFC 9113 default: 16 KiB).
