@@ -117,10 +117,14 @@ def disk_speed(directory):
 
 def bench_run(bench, name, server, *args, size="1KiB"):
     before = disk_written_bytes()
+    read_before = metric(server, "packet_ingest_log_read_bytes_total")
     t0 = time.monotonic()
     rc = bench.run(name, "--ingest-addr", server.ingest, "--grpc-addr", server.grpc, "--size", size, *args,
                    pids=[server.pid], timeout=600)
-    fact(f"{name}.disk_mb_per_s", f"{(disk_written_bytes() - before) / (time.monotonic() - t0) / 1e6:.0f}")
+    elapsed = time.monotonic() - t0
+    fact(f"{name}.disk_mb_per_s", f"{(disk_written_bytes() - before) / elapsed / 1e6:.0f}")
+    read = metric(server, "packet_ingest_log_read_bytes_total") - read_before
+    fact(f"{name}.log_read_mb_per_s", f"{read / elapsed / 1e6:.0f}")
     if rc != 0:
         log(f"  {name}: bench exited {rc} {benchlib.tail(RESULTS / f'{name}.err', 2)}")
     return rc
@@ -141,6 +145,11 @@ def throughput(bench, scratch):
     with data_dir_server("data-dir", directory) as server:
         bench_run(bench, "data-dir", server, "--duration", DURATION)
         bench_run(bench, "data-dir-again", server, "--duration", DURATION)
+    shutil.rmtree(directory, ignore_errors=True)
+    # The log's own cost: memory mode's policy, producers wait for the
+    # subscriber, so it never falls off the ring and reads the log.
+    with data_dir_server("data-dir-block", directory, "--slow-subscriber", "block") as server:
+        bench_run(bench, "data-dir-block", server, "--duration", DURATION)
     shutil.rmtree(directory, ignore_errors=True)
     if not shutil.which("nats-server"):
         benchlib.apt_install(["nats-server"])

@@ -826,7 +826,11 @@ def durable_section(results):
     w("One TCP producer and one subscriber, 1 KiB payloads, loopback, the same `packet-ingest-bench` client, "
       "lossless: memory mode with `--slow-subscriber block`, `--data-dir` with its defaults (`--slow-subscriber "
       "catch-up`, `--fsync interval`: 100 ms group commit). JetStream: `nats-server -js`, file store, acked pipelined publishes, an ordered "
-      "consumer. *Disk writes*: what `/proc/diskstats` counted for all disks during the run.")
+      "consumer. *Disk writes*: what `/proc/diskstats` counted for all disks during the run. *Log reads*: "
+      "what the server read back from its log meanwhile (`packet_ingest_log_read_bytes_total`): under "
+      "catch-up a subscriber slower than the producer falls off the memory ring and reads the log. The "
+      "`block` row runs `--data-dir` with memory mode's policy (the producer waits for the subscriber "
+      "instead), which leaves the log's own cost.")
     w("")
     disk = fnum("disk.write_mb_per_s")
     if disk is not None:
@@ -836,17 +840,18 @@ def durable_section(results):
           f"that is synced as it goes cannot sustain more than about {si(disk * 1e6 / 1110)} pkts/s here, "
           "whatever the CPU does; a short run can exceed that while the page cache absorbs writes.")
         w("")
-    w("| case | delivered | ratio | disk writes during the run | server CPU | result |")
-    w("|---|---|---|---|---|---|")
+    w("| case | delivered | ratio | disk writes during the run | log reads | server CPU | result |")
+    w("|---|---|---|---|---|---|---|")
     memory = read_json(results, "memory")
     rows = (("memory", "memory mode", None),
             ("data-dir", "`--data-dir`, empty log", "memory"),
             ("data-dir-again", "`--data-dir`, a second run on that log", "memory"),
+            ("data-dir-block", "`--data-dir --slow-subscriber block`, empty log", "memory"),
             ("jetstream", "JetStream file store", "data-dir"))
     for name, label, versus in rows:
         r = read_json(results, name)
         if r is None:
-            w(f"| {label} | **no result** (see `{name}.err`) | n/a | n/a | n/a | n/a |")
+            w(f"| {label} | **no result** (see `{name}.err`) | n/a | n/a | n/a | n/a | n/a |")
             continue
         if versus is None:
             rel = "1"
@@ -856,8 +861,9 @@ def durable_section(results):
             rel = f"{fmt_ratio(ratio(figure(r, 'pkts'), figure(memory, 'pkts')))} memory mode"
         disk_run = facts.get(f"{name}.disk_mb_per_s", "n/a")
         cores = r["cpu"].get("server_cores")
+        reads = "—" if name in ("memory", "jetstream") else f"{facts.get(f'{name}.log_read_mb_per_s', 'n/a')} MB/s"
         w(f"| {label} | {si(figure(r, 'pkts'))} pkts/s, {mb(figure(r, 'mb'))} | {rel} | {disk_run} MB/s "
-          f"| {'n/a' if cores is None else f'{cores:.2f} cores'} | {loss(r)} |")
+          f"| {reads} | {'n/a' if cores is None else f'{cores:.2f} cores'} | {loss(r)} |")
     w("")
     w("Goals (issue 13): `--data-dir` ≥ 0.8× memory mode: "
       f"{verdict(None if figure(read_json(results, 'data-dir'), 'pkts') is None or figure(memory, 'pkts') is None else figure(read_json(results, 'data-dir'), 'pkts') >= 0.8 * figure(memory, 'pkts'))}; "
