@@ -602,9 +602,6 @@ def cluster_section(results):
     w("| target | measured | verdict |")
     w("|---|---|---|")
 
-    def verdict(ok):
-        return "n/a" if ok is None else ("**met**" if ok else "**not met**")
-
     for prefix, label, goal in (("1k", "1 KiB", 0.5), ("64", "64 B", 0.3)):
         single, two = usable(f"{prefix}-single"), usable(f"{prefix}-cluster-2")
         ratio = figure(two, "pkts") / figure(single, "pkts") if single and two else None
