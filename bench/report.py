@@ -566,8 +566,8 @@ def cluster_section(results):
         w("")
 
     ceiling = usable("ceiling-jetstream")
-    single_mb = figure(usable("1k-single"), "mb") if usable("1k-single") else None
-    two_mb = figure(usable("1k-cluster-2"), "mb") if usable("1k-cluster-2") else None
+    single_mb = figure(usable("1k-single"), "mb")
+    two_mb = figure(usable("1k-cluster-2"), "mb")
     ceiling_ratio = None
     if ceiling is not None or meta("ceiling-jetstream"):
         size = machine.get("ceiling_size", "64KiB").replace("KiB", " KiB")
@@ -660,8 +660,7 @@ def cluster_section(results):
             cpu = r["cpu"]
             wall = cpu.get("wall_s") or 0
             server_s = cpu.get("server_s")
-            nats_s = first(m, "nats_s")
-            nats_s = float(nats_s) if nats_s not in (None, "") else None
+            nats_s = nats_seconds(case)
 
             def cores(seconds):
                 return "n/a" if seconds is None or not wall else f"{seconds / wall:.2f} cores"

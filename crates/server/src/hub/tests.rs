@@ -482,8 +482,6 @@ fn open_log(dir: &std::path::Path) -> crate::log::Opened {
     crate::log::Log::open(log_options(dir), Metrics::new()).expect("log opens")
 }
 
-/// Writes `batches` batches of `packets` packets of `size` bytes straight to
-/// the log, from its end; returns the sequence after them.
 /// A log with `--fsync interval` at `interval`.
 fn open_interval_log(dir: &std::path::Path, interval: Duration) -> crate::log::Opened {
     let mut options = log_options(dir);
@@ -492,6 +490,8 @@ fn open_interval_log(dir: &std::path::Path, interval: Duration) -> crate::log::O
     crate::log::Log::open(options, Metrics::new()).expect("log opens")
 }
 
+/// Writes `batches` batches of `packets` packets of `size` bytes straight to
+/// the log, from its end; returns the sequence after them.
 fn write_history(
     writer: &mut crate::log::LogWriter,
     batches: usize,
