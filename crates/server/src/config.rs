@@ -14,7 +14,7 @@ pub use packet_ingest_protocol::units::{parse_duration, parse_size};
 use crate::{
     auth::TokenStore,
     hub::SlowSubscriberPolicy,
-    log::{FsyncPolicy, LogOptions},
+    log::{FsyncPolicy, LogIo, LogOptions},
     metrics::Metrics,
     tls::{self, TlsError, TlsPaths, TlsSetup},
 };
@@ -158,6 +158,10 @@ pub struct ServeArgs {
     /// With --fsync interval: how often (group commit).
     #[arg(long, env = "PACKET_INGEST_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_positive_duration)]
     pub fsync_interval: Duration,
+    /// With --data-dir: how the log writes (direct: O_DIRECT, past the page
+    /// cache; buffered where the filesystem refuses it).
+    #[arg(long, env = "PACKET_INGEST_LOG_IO", value_enum, default_value_t = LogIo::Direct)]
+    pub log_io: LogIo,
     /// With --data-dir: size at which a log segment is closed and a new one started.
     #[arg(long, env = "PACKET_INGEST_SEGMENT_BYTES", default_value = "64MiB", value_parser = parse_memory_size)]
     pub segment_bytes: u64,
@@ -340,6 +344,7 @@ impl Settings {
                     retention_age: (!args.retention_age.is_zero()).then_some(args.retention_age),
                     fsync: args.fsync,
                     fsync_interval: args.fsync_interval,
+                    io: args.log_io,
                 },
                 Arc::clone(&metrics),
             )?),

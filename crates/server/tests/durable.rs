@@ -424,7 +424,8 @@ fn seed() -> u64 {
 ///
 /// The fsync policy varies by round. All three keep acknowledged packets
 /// across `kill -9` (README: the kernel has them once written), so `never`
-/// and `interval` are as binding here as `always`, and faster.
+/// and `interval` are as binding here as `always`, and faster. So does
+/// `--log-io`: a round recovers a segment the last one wrote either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_packets_survive_kill_9_at_random_moments() {
     const ROUNDS: usize = 24;
@@ -435,9 +436,12 @@ async fn acknowledged_packets_survive_kill_9_at_random_moments() {
     let dir = tempfile::tempdir().expect("temp dir");
     let flags = |rng: &mut StdRng| -> Vec<&'static str> {
         let fsync = ["never", "never", "interval", "always"][rng.gen_range(0..4)];
+        let io = ["direct", "direct", "buffered"][rng.gen_range(0..3)];
         vec![
             "--segment-bytes",
             "1MiB",
+            "--log-io",
+            io,
             "--fsync",
             fsync,
             "--fsync-interval",
@@ -618,7 +622,12 @@ async fn retention_deletes_whole_segments_and_resumers_are_told_what_is_gone() {
         .iter()
         .map(|file| file.metadata().expect("meta").len())
         .sum();
-    assert_eq!(on_disk, info.retained_bytes);
+    // The segment being written may end in a block's zero padding (direct writes).
+    assert!(
+        (info.retained_bytes..info.retained_bytes + 4096).contains(&on_disk),
+        "{on_disk} bytes on disk, {} retained",
+        info.retained_bytes
+    );
 
     for from in [1, first / 2, first - 1, first] {
         let mut stream = subscribe_from(&process, from).await;

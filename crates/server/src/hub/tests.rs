@@ -475,6 +475,7 @@ fn log_options(dir: &std::path::Path) -> crate::log::LogOptions {
         retention_age: None,
         fsync: crate::log::FsyncPolicy::Never,
         fsync_interval: Duration::from_millis(100),
+        io: crate::log::LogIo::Direct,
     }
 }
 

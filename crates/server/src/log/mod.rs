@@ -32,6 +32,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{metrics::Metrics, wire::SequencedBatch};
+pub use segment::LogIo;
 use segment::{RecordError, SegmentWriter};
 
 /// When appended batches are made durable (SPEC §9).
@@ -56,6 +57,7 @@ pub struct LogOptions {
     pub retention_age: Option<Duration>,
     pub fsync: FsyncPolicy,
     pub fsync_interval: Duration,
+    pub io: LogIo,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,11 +226,11 @@ impl Log {
                     })?;
                 last.end_sequence = recovered.end_sequence;
                 last.len = recovered.len;
-                let writer = SegmentWriter::reopen(&dir, &recovered).map_err(io)?;
+                let writer = SegmentWriter::reopen(&dir, &recovered, options.io).map_err(io)?;
                 (writer, recovered.truncated_bytes, recovered.scanned_bytes)
             }
             None => {
-                let writer = SegmentWriter::create(&dir, 1).map_err(io)?;
+                let writer = SegmentWriter::create(&dir, 1, options.io).map_err(io)?;
                 segments.push(SegmentMeta {
                     first_sequence: 1,
                     end_sequence: 1,
@@ -254,6 +256,7 @@ impl Log {
             next_sequence,
             scanned_bytes,
             truncated_bytes,
+            direct_io = writer_segment.direct(),
             "log opened"
         );
         let log = Arc::new(Log {
@@ -849,9 +852,11 @@ impl LogWriter {
     fn roll(&mut self) -> std::io::Result<()> {
         let first_sequence = self.active.end_sequence;
         // The old segment is complete on disk before the new one exists.
+        self.active.cut_padding()?;
         self.sync()?;
         self.active.release_cached(self.active.len);
-        let next = SegmentWriter::create(&self.log.options.dir, first_sequence)?;
+        let next =
+            SegmentWriter::create(&self.log.options.dir, first_sequence, self.log.options.io)?;
         File::open(&self.log.options.dir)?.sync_all()?;
         self.active = next;
         self.synced = (0, first_sequence);

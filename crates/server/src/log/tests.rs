@@ -12,6 +12,7 @@ fn options(dir: &Path) -> LogOptions {
         retention_age: None,
         fsync: FsyncPolicy::Never,
         fsync_interval: Duration::from_millis(100),
+        io: crate::log::LogIo::Direct,
     }
 }
 
@@ -330,7 +331,7 @@ fn a_segment_that_ends_before_the_next_one_begins_reports_the_difference() {
     drop(writer);
     drop(opened.log);
     // A later segment whose first sequence leaves 5 sequences unstored.
-    let mut later = SegmentWriter::create(dir.path(), end + 5).expect("create");
+    let mut later = SegmentWriter::create(dir.path(), end + 5, LogIo::Direct).expect("create");
     later.append(&batch(end + 5, 4, 100)).expect("append");
     later.flush().expect("flush");
     drop(later);
