@@ -158,8 +158,8 @@ pub struct ServeArgs {
     /// With --fsync interval: how often (group commit).
     #[arg(long, env = "PACKET_INGEST_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_positive_duration)]
     pub fsync_interval: Duration,
-    /// With --data-dir: how the log writes (direct: O_DIRECT, past the page
-    /// cache; buffered where the filesystem refuses it).
+    /// With --data-dir: how the log writes (direct: full 1 MiB writes
+    /// O_DIRECT, past the page cache, smaller ones buffered; buffered: all).
     #[arg(long, env = "PACKET_INGEST_LOG_IO", value_enum, default_value_t = LogIo::Direct)]
     pub log_io: LogIo,
     /// With --data-dir: size at which a log segment is closed and a new one started.

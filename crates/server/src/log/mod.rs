@@ -852,7 +852,6 @@ impl LogWriter {
     fn roll(&mut self) -> std::io::Result<()> {
         let first_sequence = self.active.end_sequence;
         // The old segment is complete on disk before the new one exists.
-        self.active.cut_padding()?;
         self.sync()?;
         self.active.release_cached(self.active.len);
         let next =
