@@ -108,10 +108,24 @@ pub fn encode_head(batch: &SequencedBatch) -> Vec<u8> {
         head.extend_from_slice(&channel.0.to_be_bytes());
         head.extend_from_slice(&end.to_be_bytes());
     }
-    let mut crc = crc32c::crc32c(&head[8..]);
-    crc = crc32c::crc32c_append(crc, batch.body());
+    let crc = record_crc(&[&head[8..], batch.body()]);
     head[4..8].copy_from_slice(&crc.to_be_bytes());
     head
+}
+
+/// CRC-32C (Castagnoli) of `parts` one after the other: the record
+/// checksum. `crc-fast` rather than the `crc32c` crate: where the CPU has
+/// VPCLMULQDQ it folds 64 bytes an instruction, 2.2x the throughput on a
+/// 16 KiB record here (54 against 23 GB/s), and the checksum was 4.4 % of the
+/// server's CPU in a 1 KiB `--data-dir` profile. Same function, so logs
+/// written before read back (tested against `crc32c` below).
+fn record_crc(parts: &[&[u8]]) -> u32 {
+    let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    for part in parts {
+        digest.update(part);
+    }
+    // A 32-bit CRC in the low half.
+    digest.finalize() as u32
 }
 
 /// Why a record could not be read back.
@@ -138,7 +152,7 @@ pub fn decode_record(buf: &Bytes, offset: u64) -> Result<(SequencedBatch, usize)
     if buf.len() < len {
         return Err(RecordError::Truncated { offset });
     }
-    if crc32c::crc32c(&buf[8..len]) != header.crc {
+    if record_crc(&[&buf[8..len]]) != header.crc {
         return Err(RecordError::Checksum { offset });
     }
     let entries_end = HEADER_LEN + header.count as usize * ENTRY_LEN;
@@ -936,6 +950,19 @@ mod tests {
                 prop_assert_eq!((recovered.len, recovered.end_sequence, recovered.truncated_bytes), (len, end, 0));
             }
         });
+    }
+
+    #[test]
+    fn the_record_checksum_is_crc32c_however_the_bytes_are_split() {
+        use proptest::prelude::*;
+        proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..70_000), cut in any::<prop::sample::Index>())| {
+            let cut = cut.index(bytes.len() + 1);
+            let expected = crc32c::crc32c(&bytes);
+            prop_assert_eq!(record_crc(&[&bytes]), expected);
+            prop_assert_eq!(record_crc(&[&bytes[..cut], &bytes[cut..]]), expected);
+        });
+        // The standard check value of CRC-32C.
+        assert_eq!(record_crc(&[b"123456789"]), 0xE306_9283);
     }
 
     #[test]
