@@ -400,32 +400,16 @@ impl Log {
         let want = (max_bytes as u64)
             .max(1 << 16)
             .min(segment.len - offset.min(segment.len));
-        // Only the log's newest bytes stay cached (see `segment::drop_cached`):
-        // a read further back goes O_DIRECT, from the disk straight into the
-        // buffer, so there is neither a page-cache copy to make nor one to
-        // drop; if the filesystem refuses that, it reads buffered and drops.
-        let far_back = next_first.is_some() || offset + want + segment::CACHED_TAIL <= segment.len;
-        let direct = match far_back {
-            true => segment::read_direct(
-                &segment::log_path(dir, segment.first_sequence),
-                offset,
-                want,
-            )?,
-            false => None,
-        };
-        let mut chunk = match direct {
-            Some(chunk) => chunk,
-            None => {
-                let mut buf = Vec::with_capacity(want as usize);
-                let got = read_fully_at(&file, &mut buf, offset, want)?;
-                if far_back {
-                    segment::drop_cached(&file, offset, offset + got as u64);
-                }
-                buf.truncate(got);
-                Bytes::from(buf)
-            }
-        };
-        self.metrics.log_read_bytes.inc_by(chunk.len() as u64);
+        let mut buf = Vec::with_capacity(want as usize);
+        let got = read_fully_at(&file, &mut buf, offset, want)?;
+        // Only the log's newest bytes stay cached (see `segment::drop_cached`).
+        let read_end = offset + got as u64;
+        if next_first.is_some() || read_end + segment::CACHED_TAIL <= segment.len {
+            segment::drop_cached(&file, offset, read_end);
+        }
+        self.metrics.log_read_bytes.inc_by(got as u64);
+        buf.truncate(got);
+        let mut chunk = Bytes::from(buf);
         let mut read = LogRead {
             batches: Vec::new(),
             skipped: 0,

@@ -215,12 +215,6 @@ impl AlignedBuf {
         let end = self.start + self.raw.len() - BLOCK;
         &mut self.raw[self.start..end]
     }
-
-    /// The aligned bytes as `Bytes` (slices of them share the allocation).
-    fn into_bytes(self) -> Bytes {
-        let len = self.raw.len() - BLOCK;
-        Bytes::from(self.raw).slice(self.start..self.start + len)
-    }
 }
 
 /// The active segment, appended to by the log writer.
@@ -619,49 +613,6 @@ pub fn drop_cached(file: &File, start: u64, end: u64) {
     }
 }
 
-/// Reads `len` bytes at `offset` (fewer at the end of the file) with
-/// O_DIRECT: the disk writes them straight into the buffer, past the page
-/// cache. O_DIRECT reads whole blocks into aligned memory, so it reads the
-/// blocks around the range into a buffer one block larger than them, and
-/// returns a slice of it. `None` if the filesystem refuses O_DIRECT.
-pub fn read_direct(path: &Path, offset: u64, len: u64) -> std::io::Result<Option<Bytes>> {
-    let refused = |error: &std::io::Error| {
-        error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
-    };
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(error) if refused(&error) => return Ok(None),
-        Err(error) => return Err(error),
-    };
-    let block = BLOCK as u64;
-    let start = offset - offset % block;
-    let span = ((offset + len).next_multiple_of(block) - start) as usize;
-    let mut buf = AlignedBuf::new(span);
-    let mut got = 0;
-    while got < span {
-        match file.read_at(&mut buf.bytes_mut()[got..], start + got as u64) {
-            Ok(0) => break,
-            Ok(read) => {
-                got += read;
-                // Only the file's end stops a direct read short of whole blocks.
-                if !read.is_multiple_of(BLOCK) {
-                    break;
-                }
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) if got == 0 && refused(&error) => return Ok(None),
-            Err(error) => return Err(error),
-        }
-    }
-    let skip = (offset - start) as usize;
-    let end = got.min(skip + len as usize).max(skip);
-    Ok(Some(buf.into_bytes().slice(skip..end)))
-}
-
 fn encode_entries(entries: &[(u64, u64)]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN);
     for (sequence, offset) in entries {
@@ -1001,31 +952,6 @@ mod tests {
                 prop_assert_eq!((recovered.len, recovered.end_sequence, recovered.truncated_bytes), (len, end, 0));
             }
         });
-    }
-
-    /// `read_direct` (aligned blocks around the range, sliced) against a
-    /// plain positional read of the same file, anywhere, up to past its end.
-    #[test]
-    fn direct_reads_return_what_plain_reads_do() {
-        use proptest::prelude::*;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("file");
-        let contents: Vec<u8> = (0..3 * BLOCK as u32 * 7 + 1234)
-            .map(|at| (at * 31 + at / 4096) as u8)
-            .collect();
-        std::fs::write(&path, &contents).expect("write");
-        let size = contents.len() as u64;
-        proptest!(|(offset in 0..size + 10, len in 0u64..4 * BLOCK as u64 * 3)| {
-            let read = read_direct(&path, offset, len).expect("read").expect("O_DIRECT");
-            let from = (offset as usize).min(contents.len());
-            let to = ((offset + len) as usize).min(contents.len());
-            prop_assert!(read[..] == contents[from..to], "{} bytes at {}", len, offset);
-        });
-        let whole = read_direct(&path, 0, size)
-            .expect("read")
-            .expect("O_DIRECT");
-        assert!(whole[..] == contents[..]);
-        assert!(read_direct(&dir.path().join("missing"), 0, 1).is_err());
     }
 
     #[test]
