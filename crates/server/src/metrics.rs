@@ -201,6 +201,8 @@ pub struct Metrics {
     pub log_recovery_scanned_bytes: Gauge,
     /// Bytes read from the log for subscribers (replay and catch-up).
     pub log_read_bytes: Counter,
+    /// Bytes the log wrote with O_DIRECT (`--log-io direct`, full buffers).
+    pub log_direct_write_bytes: Counter,
     /// RPCs refused or ended by a limit, by reason.
     pub requests_refused: ReasonCount,
     /// `--compression`: messages and bytes in and out, per encoding.
@@ -361,6 +363,11 @@ impl Metrics {
             "log_read_bytes",
             "Bytes read from the log for replaying and catching-up subscribers",
         );
+        let log_direct_write_bytes = counter(
+            &mut registry,
+            "log_direct_write_bytes",
+            "Bytes the log wrote with O_DIRECT, past the page cache",
+        );
         let requests_refused = count(
             &mut registry,
             "requests_refused",
@@ -423,6 +430,7 @@ impl Metrics {
             log_first_sequence,
             log_recovery_scanned_bytes,
             log_read_bytes,
+            log_direct_write_bytes,
             requests_refused,
             compression,
             verify_seconds,

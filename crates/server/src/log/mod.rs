@@ -710,6 +710,7 @@ impl LogWriter {
             self.roll()?;
             self.undo = (self.active.len, self.active.end_sequence);
         }
+        let direct_before = self.active.direct_bytes();
         for batch in batches {
             if self.active.len >= self.log.options.segment_bytes {
                 break;
@@ -717,6 +718,10 @@ impl LogWriter {
             self.active.append(batch)?;
         }
         self.active.flush()?;
+        self.log
+            .metrics
+            .log_direct_write_bytes
+            .inc_by(self.active.direct_bytes() - direct_before);
         self.publish_active();
         Ok(self.active.end_sequence)
     }

@@ -237,8 +237,8 @@ impl AlignedBuf {
 /// block staged, to be written again, completed, by the next write (the same
 /// bytes over what was written, so a torn rewrite cannot damage an earlier
 /// record), and a full buffer is whole blocks at a block boundary. Where the
-/// filesystem refuses O_DIRECT (at open or at a write), the writer goes on
-/// buffered and says so once.
+/// filesystem refuses O_DIRECT (at open or at a write), the segment's writer
+/// goes on buffered and logs a warning.
 pub struct SegmentWriter {
     pub first_sequence: u64,
     pub end_sequence: u64,
@@ -425,13 +425,13 @@ impl SegmentWriter {
             return Ok(());
         }
         let staged = self.staged;
-        let mut written = false;
+        let mut wrote_direct = false;
         if let Some(direct) = self.direct.as_ref().filter(|_| staged >= DIRECT_MIN_BYTES) {
             // Whole blocks at a block boundary: `staged_at` is one, and a
             // full buffer is a multiple of `BLOCK`.
             match direct.write_all_at(&self.staging.bytes()[..staged], self.staged_at) {
                 Ok(()) => {
-                    written = true;
+                    wrote_direct = true;
                     self.direct_bytes += staged as u64;
                 }
                 Err(error)
@@ -446,7 +446,7 @@ impl SegmentWriter {
                 Err(error) => return Err(error),
             }
         }
-        if !written {
+        if !wrote_direct {
             self.log
                 .write_all_at(&self.staging.bytes()[..staged], self.staged_at)?;
         }
@@ -856,7 +856,7 @@ mod tests {
     /// whatever the sizes and where flushes and cut-backs fall, the file holds
     /// the same bytes up to the segment's length, and recovery finds it.
     #[test]
-    fn direct_writes_leave_the_file_buffered_writes_leave() {
+    fn direct_writes_leave_the_same_file_as_buffered_writes() {
         use proptest::prelude::*;
 
         #[derive(Clone, Debug)]
