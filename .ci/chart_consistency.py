@@ -66,7 +66,7 @@ def snake(key):
 
 # Flags of the durable stream: set (from persistence.mountPath and config.*)
 # only with persistence.enabled, left out in memory mode.
-PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "fsync-interval", "segment-bytes")
+PERSISTENCE_FLAGS = ("data-dir", "retention-bytes", "retention-age", "fsync", "fsync-interval", "log-io", "segment-bytes")
 
 # Flags of cluster mode set from clusterNats.* (key) only when it is enabled.
 CLUSTER_FLAGS = ("cluster-max-age", "cluster-max-bytes", "cluster-max-lag")
@@ -78,7 +78,7 @@ CONDITIONAL_FLAGS = ("hmac-key-file", "auth-token-file", "tls-cert", "tls-key", 
                      "cluster-nats", "cluster-stream", "cors-origin", "compression", "otlp-endpoint") + CLUSTER_FLAGS + PERSISTENCE_FLAGS
 
 # The config.* keys behind PERSISTENCE_FLAGS (all but data-dir).
-PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "segmentBytes")
+PERSISTENCE_CONFIG = ("retentionBytes", "retentionAge", "fsync", "fsyncInterval", "logIo", "segmentBytes")
 
 # Labels that change with every chart or image version; a StatefulSet's claim
 # templates cannot change after install, so they must not carry them.

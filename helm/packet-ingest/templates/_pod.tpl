@@ -146,6 +146,8 @@ spec:
           value: {{ $c.fsync | quote }}
         - name: PACKET_INGEST_FSYNC_INTERVAL
           value: {{ $c.fsyncInterval | quote }}
+        - name: PACKET_INGEST_LOG_IO
+          value: {{ $c.logIo | quote }}
         - name: PACKET_INGEST_SEGMENT_BYTES
           value: {{ $c.segmentBytes | int64 | quote }}
         {{- end }}
