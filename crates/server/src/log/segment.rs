@@ -368,7 +368,7 @@ impl SegmentWriter {
             released: 0,
         };
         writer.log.set_len(recovered.len)?;
-        writer.stage_partial_block()?;
+        writer.stage_partial_block();
         Ok(writer)
     }
 
@@ -466,7 +466,7 @@ impl SegmentWriter {
     /// holds the end (`written`), read back from the file, so the next
     /// write starts on a block boundary. If it cannot be read, the writer
     /// goes on buffered rather than write that block without it.
-    fn stage_partial_block(&mut self) -> std::io::Result<()> {
+    fn stage_partial_block(&mut self) {
         let partial = if self.direct.is_some() {
             (self.written % BLOCK as u64) as usize
         } else {
@@ -475,7 +475,7 @@ impl SegmentWriter {
         self.staged_at = self.written - partial as u64;
         self.staged = 0;
         if partial == 0 {
-            return Ok(());
+            return;
         }
         match self
             .log
@@ -488,7 +488,6 @@ impl SegmentWriter {
                 self.staged_at = self.written;
             }
         }
-        Ok(())
     }
 
     /// Hands everything appended to the kernel (survives `kill -9`).
@@ -561,9 +560,8 @@ impl SegmentWriter {
         self.entries_written = self.entries_written.min(keep);
         let cut = self.log.set_len(len);
         // The bytes before `len` are valid whether or not the cut worked.
-        let staged = self.stage_partial_block();
+        self.stage_partial_block();
         cut?;
-        staged?;
         self.index
             .set_len((self.entries_written * INDEX_ENTRY_LEN) as u64)
     }
@@ -576,10 +574,7 @@ impl SegmentWriter {
     pub fn lose_bytes_after(&mut self, len: u64) -> std::io::Result<()> {
         if self.written > len {
             let zeros = vec![0u8; (self.written - len) as usize];
-            OpenOptions::new()
-                .write(true)
-                .open(&self.path)?
-                .write_all_at(&zeros, len)?;
+            self.log.write_all_at(&zeros, len)?;
         }
         Ok(())
     }
