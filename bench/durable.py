@@ -10,7 +10,9 @@ with its default, `catch-up`):
   - data-dir:   packet-ingest with --data-dir and the default --fsync interval,
                 on an empty log, then a second run on the log the first left;
                 then with memory mode's `block` policy, with the default
-                `--log-io direct` and with `--log-io buffered`,
+                `--log-io direct` and with `--log-io buffered`; then memory
+                mode and --data-dir once more, each on a fresh server (the
+                0.8x goal is judged on both pairs),
   - jetstream:  nats-server -js (file store), acked publishes, ordered consumer,
   - catch-up:   a --data-dir server filled with CATCHUP_PACKETS packets of 1 KiB;
                 a live run alone, then the same live run with a subscriber
@@ -156,6 +158,13 @@ def throughput(bench, scratch):
     # What the log's O_DIRECT writes buy: the same, every write through the page cache.
     with data_dir_server("data-dir-buffered", directory, "--slow-subscriber", "block", "--log-io", "buffered") as server:
         bench_run(bench, "data-dir-buffered", server, "--duration", DURATION)
+    shutil.rmtree(directory, ignore_errors=True)
+    # The goal's pair once more, each on a fresh server as above: the verdict
+    # is on the two pairs' sums, so drift in the machine's speed hits both.
+    with benchlib.PacketIngest(RESULTS / "memory-2.server.log", "--slow-subscriber", "block") as server:
+        bench_run(bench, "memory-2", server, "--duration", DURATION)
+    with data_dir_server("data-dir-2", directory) as server:
+        bench_run(bench, "data-dir-2", server, "--duration", DURATION)
     shutil.rmtree(directory, ignore_errors=True)
     if not shutil.which("nats-server"):
         benchlib.apt_install(["nats-server"])
