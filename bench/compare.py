@@ -124,8 +124,9 @@ def packet_ingest(bench):
                 profile_case(bench, name, server.pid, [*target, "--size", size, "--duration", DURATION])
     # The durable stream (default fsync policy) next to memory mode, like for
     # like: each run on a fresh server (the memory-mode server above is warm
-    # from the runs before, and a warm server is up to 15 % faster here), the
-    # two alternated twice so that drift in the machine's speed hits both.
+    # from the runs before: three runs in a row on one server here went 633 k,
+    # 701 k, 730 k pkts/s), the two alternated twice so that drift in the
+    # machine's speed hits both.
     data_dir = RESULTS / "data-dir"
     for pair in DISK_PAIRS:
         for name, extra in ((f"pi-fresh-1k{pair}", []), (f"pi-disk-1k{pair}", ["--data-dir", data_dir])):
