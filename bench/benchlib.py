@@ -121,6 +121,12 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_steal_seconds():
+    """CPU seconds the hypervisor gave other guests while this one wanted to run (steal), all cores."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def machine_busy_seconds():
     """CPU seconds the whole machine has been busy, all cores: user, nice, system, irq, softirq."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()
@@ -187,12 +193,18 @@ class Bench:
         log(f"  {name}: {' '.join(args)}")
         argv = [BENCH_BIN, "--json", "--quiet", *[str(a) for pid in pids for a in ("--server-pid", pid)], *args]
         out, err = self.results / f"{name}.json", self.results / f"{name}.err"
+        # The share of the machine's CPU time the hypervisor took meanwhile: on
+        # a shared host it is what makes one run differ from the next.
+        steal_before, t0 = machine_steal_seconds(), time.monotonic()
         with open(out, "w") as stdout, open(err, "w") as stderr:
             try:
                 rc = subprocess.run(argv, stdout=stdout, stderr=stderr, timeout=timeout,
                                     env=dict(os.environ, RUST_LOG="warn")).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
+        machine_seconds = (time.monotonic() - t0) * len(os.sched_getaffinity(0))
+        (self.results / f"{name}.steal").write_text(
+            f"{(machine_steal_seconds() - steal_before) / machine_seconds if machine_seconds else 0:.4f}\n")
         if out.stat().st_size == 0:
             log(f"  {name} gave no result: {tail(err, 2)}")
             out.unlink()

@@ -118,6 +118,24 @@ def ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
+def steal_sentence(results):
+    """What the hypervisor took from this machine during the runs (the
+    `.steal` files Bench.run leaves), or "" if no run left one."""
+    shares = {}
+    for path in Path(results).glob("*.steal"):
+        try:
+            shares[path.stem] = float(path.read_text())
+        except ValueError:
+            continue
+    if not shares:
+        return ""
+    worst = max(shares, key=shares.get)
+    middle = sorted(shares.values())[len(shares) // 2]
+    return (f"Steal (`/proc/stat`: CPU time the hypervisor gave other guests while this one wanted it) during "
+            f"the {len(shares)} load-client runs: median {100 * middle:.1f} % of the machine's CPU time, at most "
+            f"{100 * shares[worst]:.1f} % (`{worst}`).")
+
+
 def sum_of(values):
     """The sum, or None if any value is missing."""
     values = list(values)
@@ -178,6 +196,10 @@ def compare_section(results):
       f"{machine.get('python')}, {machine.get('openssl')}. The whole script took {machine.get('seconds')} s.")
     w("")
     w(f"Reproduce: `bench/compare.py` (this run: `{machine.get('settings')}`).")
+    steal = steal_sentence(results)
+    if steal:
+        w("")
+        w(steal)
     w("")
     w("### Throughput")
     w("")
@@ -830,6 +852,10 @@ def durable_section(results):
       f"The whole script took {machine.get('seconds')} s.")
     w("")
     w(f"Reproduce: `bench/durable.py` (this run: `{machine.get('settings')}`).")
+    steal = steal_sentence(results)
+    if steal:
+        w("")
+        w(steal)
     w("")
     w("One TCP producer and one subscriber, 1 KiB payloads, loopback, the same `packet-ingest-bench` client, "
       "lossless: memory mode with `--slow-subscriber block`, `--data-dir` with its defaults (`--slow-subscriber "
