@@ -177,11 +177,20 @@ impl Subscription {
     fn take(&mut self) -> Take {
         let max_bytes = self.hub.config.max_delivery_bytes;
         loop {
+            // Whether moving on may let a held publisher in (block mode): not
+            // while this subscriber is at or past what the log writer has
+            // made durable, since the ring holds everything from there on
+            // anyway. At full speed, waking publishers that are waiting for
+            // an fsync at every delivery cost the server 0.3–0.5 µs a packet.
+            let may_free_room;
             let batches = {
                 let ring = self.hub.lock();
                 if let Some(end) = self.slot.end_reason() {
                     return Take::End(end);
                 }
+                may_free_room = ring
+                    .writer_cursor()
+                    .is_none_or(|durable| self.cursor < durable);
                 let oldest = ring.oldest_sequence();
                 // In block mode only a subscriber replaying from before the
                 // ring is ever behind it (producers wait for live ones).
@@ -280,7 +289,7 @@ impl Subscription {
             }
             self.slot.cursor.store(self.cursor, Ordering::Release);
             self.slot.reading_log.store(false, Ordering::Release);
-            if self.hub.config.policy == SlowSubscriberPolicy::Block {
+            if self.hub.config.policy == SlowSubscriberPolicy::Block && may_free_room {
                 self.hub.progress.notify_waiters();
             }
             if let Some(delivery) = delivery {

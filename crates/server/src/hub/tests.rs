@@ -786,6 +786,57 @@ async fn block_mode_producers_do_not_wait_for_a_subscriber_replaying_from_disk()
     writer.await.expect("writer ends");
 }
 
+/// Block mode with a log: a live subscriber behind what is durable is what
+/// holds a producer, and its reading lets the producer in. (Subscribers at or
+/// past the durable end do not wake held producers: those wait for an fsync.)
+/// The block timeout is an hour and the writer's next round (retention, once
+/// a second) would also recheck held producers, so the bound below is what
+/// says the read itself released it.
+#[tokio::test]
+async fn block_mode_a_subscriber_behind_the_durable_end_releases_a_held_producer() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let opened = open_log(dir.path());
+    let mut config = hub_config(SlowSubscriberPolicy::Block, 64, 1 << 20, 64 << 10);
+    config.block_timeout = Duration::from_secs(3600);
+    let hub = Hub::with_log(
+        config,
+        Metrics::new(),
+        Arc::clone(&opened.log),
+        opened.next_sequence,
+    );
+    let (stop, writer) = spawn_writer(&hub, opened.writer);
+    let within = Duration::from_secs(10);
+    let mut subscriber = hub
+        .subscribe(ChannelFilter::default(), None)
+        .expect("subscribes");
+    for _ in 0..4 {
+        tokio::time::timeout(within, hub.publish(batch(&[1; 16], 100)))
+            .await
+            .expect("64 packets fit the ring");
+    }
+    wait_durable(&hub, 65).await;
+    let held = tokio::spawn({
+        let hub = Arc::clone(&hub);
+        async move { hub.publish(batch(&[1; 16], 100)).await }
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !held.is_finished(),
+        "the subscriber has read nothing: the producer waits"
+    );
+    let (_, read) = sequences(next_delivery(&mut subscriber).await);
+    assert_eq!(read.first(), Some(&1));
+    let range = tokio::time::timeout(Duration::from_millis(500), held)
+        .await
+        .expect("the subscriber's read let the producer in")
+        .expect("publish task");
+    assert_eq!(range, 65..81);
+    stop.cancel();
+    writer.await.expect("writer ends");
+}
+
 #[tokio::test]
 async fn catch_up_reads_share_half_the_memory_limit() {
     let dir = tempfile::tempdir().expect("temporary directory");
