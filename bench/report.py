@@ -136,10 +136,13 @@ def steal_sentence(results):
             f"{100 * shares[worst]:.1f} % (`{worst}`).")
 
 
-def sum_of(values):
-    """The sum, or None if any value is missing."""
-    values = list(values)
-    return None if any(v is None for v in values) else sum(values)
+def runs_ratio(results, over, under):
+    """Delivered packets of the runs `over`, summed, over those of `under`
+    (the alternated pairs a goal is judged on); None if any is missing."""
+    def total(names):
+        rates = [figure(read_json(results, name), "pkts") for name in names]
+        return None if any(rate is None for rate in rates) else sum(rates)
+    return ratio(total(over), total(under))
 
 
 def fmt_ratio(value):
@@ -375,9 +378,7 @@ def compare_section(results):
     w("| target | measured | ratio | verdict |")
     w("|---|---|---|---|")
     pairs = [(load(f"pi-disk-1k{pair}"), load(f"pi-fresh-1k{pair}")) for pair in ("", "-2")]
-    disk_sum = sum_of(figure(d, "pkts") for d, _ in pairs)
-    memory_sum = sum_of(figure(m, "pkts") for _, m in pairs)
-    r = ratio(disk_sum, memory_sum)
+    r = runs_ratio(results, ("pi-disk-1k", "pi-disk-1k-2"), ("pi-fresh-1k", "pi-fresh-1k-2"))
     measured = "; ".join(f"{si(figure(d, 'pkts'))} ({loss(d)}) vs {si(figure(m, 'pkts'))}" for d, m in pairs)
     w(f"| `--data-dir`: ≥ 0.8× memory mode | {measured} | {fmt_ratio(r)} | "
       f"{verdict(None if r is None else (r >= 0.8 and all(d and d['complete'] for d, _ in pairs)))} |")
@@ -902,8 +903,7 @@ def durable_section(results):
         w(f"| {label} | {si(figure(r, 'pkts'))} pkts/s, {mb(figure(r, 'mb'))} | {rel} | {disk_run} MB/s "
           f"| {reads} | {'n/a' if cores is None else f'{cores:.2f} cores'} | {loss(r)} |")
     w("")
-    pair_ratio = ratio(sum_of(figure(read_json(results, n), "pkts") for n in ("data-dir", "data-dir-2")),
-                       sum_of(figure(read_json(results, n), "pkts") for n in ("memory", "memory-2")))
+    pair_ratio = runs_ratio(results, ("data-dir", "data-dir-2"), ("memory", "memory-2"))
     w("Goals (issue 13): `--data-dir` ≥ 0.8× memory mode (the two empty-log runs against the two memory-mode "
       f"runs, sums): {fmt_ratio(pair_ratio)}, {verdict(None if pair_ratio is None else pair_ratio >= 0.8)}; "
       "≥ 2× JetStream: "
